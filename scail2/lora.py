@@ -10,7 +10,7 @@ Files:
 
 * **peft layout** (``save_lora(..., layout="peft")``): ``adapter_model.safetensors`` with keys
   ``blocks.N.self_attn.q.lora_A.weight`` / ``lora_B.weight`` and ``adapter_config.json``; the safetensors
-  metadata holds rank, alpha, target modules and the base model's hash.
+  metadata holds rank, alpha, target modules and the base model's hash and dtype.
 * **ComfyUI layout** (``layout="comfyui"``): one safetensors with ``diffusion_model.blocks.N.<module>.lora_down
   .weight`` / ``lora_up.weight`` / ``alpha`` (a scalar holding ``lora_alpha``, so ComfyUI's
   ``alpha / rank`` scale equals ours).
@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -95,8 +96,12 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def base_model_hash(model: torch.nn.Module) -> str:
-    """sha256 over the base weights (names, shapes and bytes, adapters excluded): ties an adapter to its base."""
+def base_model_hash(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """sha256 over the base weights (names, shapes and bytes, adapters excluded): ties an adapter to its base.
+
+    ``dtype``: hash the floating-point weights cast to this dtype (how an adapter trained on an upcast copy of
+    bf16 weights is recognised on the bf16 model, and the other way round).
+    """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if "lora_" in name:
@@ -104,8 +109,21 @@ def base_model_hash(model: torch.nn.Module) -> str:
         name = name.replace(".base_layer.", ".")
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def base_model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the floating-point base weights, or None when they mix several."""
+    dtypes = {t.dtype for n, t in model.state_dict().items() if "lora_" not in n and t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def save_lora(model: torch.nn.Module, spec: LoRASpec, path: str | os.PathLike, layout: str = "peft") -> Path:
@@ -118,6 +136,9 @@ def save_lora(model: torch.nn.Module, spec: LoRASpec, path: str | os.PathLike, l
         "base_model_sha256": base_model_hash(model),
         "format": "scail2-lora-v1",
     }
+    dtype = base_model_dtype(model)
+    if dtype is not None:
+        meta["base_model_dtype"] = _dtype_name(dtype)
     p = Path(path)
     if layout == "peft":
         p.mkdir(parents=True, exist_ok=True)
@@ -181,24 +202,131 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRASpe
     return state, LoRASpec(rank=rank, alpha=alpha, target_modules=pattern), meta
 
 
+def check_lora_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], spec: LoRASpec, path: object) -> None:
+    """Raise ``ValueError`` naming ``path`` and what does not fit unless every adapter in ``state`` (peft layout)
+    has a linear layer of matching shape in ``model`` and every layer the adapter's pattern selects has one."""
+    problems: list[str] = []
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, sep, kind = key.rpartition(".lora_")
+        if not sep or kind not in ("A.weight", "B.weight"):
+            problems.append(f"unexpected key {key!r} (expected <module>.lora_A.weight / lora_B.weight)")
+            continue
+        modules.setdefault(module, {})[kind[0]] = value
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    absent = sorted(m for m in modules if m not in linears)
+    if absent:
+        problems.append(f"{len(absent)} adapted layer(s) the model does not have, e.g. {absent[:3]}")
+    for module, pair in sorted(modules.items()):
+        layer = linears.get(module)
+        if layer is None:
+            continue
+        if set(pair) != {"A", "B"}:
+            problems.append(f"{module} has only lora_{''.join(pair)}")
+            continue
+        a, b = pair["A"], pair["B"]
+        want_a, want_b = (spec.rank, layer.in_features), (layer.out_features, spec.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            problems.append(
+                f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the layer is "
+                f"{layer.in_features} -> {layer.out_features} (expected {want_a} and {want_b} at rank {spec.rank})"
+            )
+    selected = {n for n in linears if re.fullmatch(spec.target_modules, n)}
+    missing = sorted(selected - set(modules))
+    if missing:
+        problems.append(
+            f"no weights for {len(missing)} layer(s) its pattern {spec.target_modules!r} selects, e.g. {missing[:3]}"
+        )
+    if problems:
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+        raise ValueError(f"LoRA file {path} does not fit this model:\n- " + "\n- ".join(shown))
+
+
+def check_lora_base(model: torch.nn.Module, meta: dict[str, str], path: object) -> None:
+    """Raise ``ValueError`` when ``meta`` records a base-model hash that ``model``'s weights do not have."""
+    want = meta.get("base_model_sha256")
+    if not want:
+        return
+    dtype = getattr(torch, meta.get("base_model_dtype", ""), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else None
+    have = base_model_hash(model, dtype)
+    if have != want:
+        compared = dtype if dtype is not None else base_model_dtype(model)
+        hint = f" (compared in {_dtype_name(compared)})" if compared is not None else ""
+        raise ValueError(
+            f"{path} was trained on base weights {want[:12]}… but this model is {have[:12]}…{hint}; it belongs to "
+            "another base model (or another dtype of it); pass check_base=False to load it anyway"
+        )
+
+
+def remove_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Take the (unmerged) adapters out again: every adapted layer becomes its untouched base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            if module.merged:
+                raise ValueError(f"the adapter of {name} is merged into its weights and cannot be removed")
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    _drop_peft_config(model)
+    return model
+
+
+def _drop_peft_config(model: torch.nn.Module) -> None:
+    """Forget the ``peft_config`` that injection leaves on the model (else the next injection warns about
+    several adapters)."""
+    if "peft_config" in vars(model):
+        del model.peft_config
+
+
+def set_lora_scale(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Multiply every adapter's effect by ``scale`` (relative to its ``lora_alpha / r``; 0 switches it off)."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in lora_layers(model).values():
+        if isinstance(layer, LoraLayer):
+            for adapter in list(layer.scaling):
+                layer.set_scale(adapter, scale)
+    return model
+
+
 def load_lora(model: torch.nn.Module, path: str | os.PathLike, check_base: bool = True) -> torch.nn.Module:
-    """Inject adapters matching the file and load its weights; every key must load, none may be left over."""
+    """Inject adapters matching the file and load its weights; every key must load, none may be left over.
+
+    Checked before the model is touched: every adapter fits a layer of the model (names and shapes,
+    :func:`check_lora_fits`) and, with ``check_base``, the file's base-model hash is this model's. The adapter
+    weights take the dtype and device of the layers they adapt. On any failure the model is left as it was.
+    """
     from peft import set_peft_model_state_dict
 
+    if lora_layers(model):
+        raise ValueError(f"cannot load {path}: the model already has LoRA adapters")
     state, spec, meta = read_lora(path)
-    if check_base and "base_model_sha256" in meta:
-        have = base_model_hash(model)
-        if have != meta["base_model_sha256"]:
-            raise ValueError(
-                f"{path} was trained on base weights {meta['base_model_sha256'][:12]}… but this model is "
-                f"{have[:12]}…; pass check_base=False to load it anyway"
+    check_lora_fits(model, state, spec, path)
+    if check_base:
+        check_lora_base(model, meta, path)
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        model = add_lora(model, spec)
+        result = set_peft_model_state_dict(model, state)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+        if unexpected or missing:
+            raise KeyError(
+                f"LoRA file {path} does not fit the model: unexpected {unexpected[:10]}, missing {missing[:10]}"
             )
-    model = add_lora(model, spec)
-    result = set_peft_model_state_dict(model, state)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
-    if unexpected or missing:
-        raise KeyError(f"LoRA file {path} does not fit the model: unexpected {unexpected[:10]}, missing {missing[:10]}")
+        for layer in lora_layers(model).values():
+            weight = layer.get_base_layer().weight
+            for name in ("lora_A", "lora_B"):
+                getattr(layer, name).to(device=weight.device, dtype=weight.dtype)
+    except BaseException:
+        remove_lora(model)
+        for p in model.parameters():
+            if id(p) in grads:
+                p.requires_grad_(grads[id(p)])
+        raise
     return model
 
 
@@ -212,6 +340,7 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
+    _drop_peft_config(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

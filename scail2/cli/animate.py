@@ -10,6 +10,8 @@ Examples::
     # two characters from per-character binary masks (white = inside), same order in both lists
     scail2-animate --model DIR --ref ref.png --driving two.mp4 \\
         --character-masks a.mp4 b.mp4 --ref-character-masks a.png b.png --out out.mp4
+    # with a LoRA adapter (peft folder or ComfyUI file, e.g. a DPO export), at 80% strength
+    scail2-animate --model DIR --lora export/lora --lora-scale 0.8 --ref ref.png --driving dance.mp4 --out out.mp4
 
 Every bad input (unreadable file, size not divisible by 32, mask frame count, off-palette mask colours, a model
 folder missing a component) is reported before the model is loaded, with exit code 2 and a message naming the
@@ -68,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shift", type=float, default=None, help="time shift (5 by default; 3 is advised at 480p)")
     s.add_argument("--seed", type=int, default=None, help="noise seed (random and printed when omitted)")
     s.add_argument("--scheduler", choices=("unipc", "euler"), default=None, help="default: the model folder's (UniPC)")
+    lora = p.add_argument_group("LoRA adapter")
+    lora.add_argument(
+        "--lora", type=Path, default=None,
+        help="LoRA adapter: a peft folder (adapter_model.safetensors + adapter_config.json) or a ComfyUI .safetensors",
+    )
+    lora.add_argument("--lora-scale", type=float, default=None, help="strength of the adapter (1 = as trained)")
+    lora.add_argument("--merge-lora", action="store_true", help="fold the adapter into the weights (faster steps)")
+    lora.add_argument(
+        "--no-lora-base-check", action="store_true",
+        help="load the adapter even if it was trained on other base weights than --model's",
+    )
     v = p.add_argument_group("video")
     v.add_argument("--height", type=int, default=None, help="output height, a multiple of 32")
     v.add_argument("--width", type=int, default=None, help="output width, a multiple of 32")
@@ -131,6 +144,17 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} {path} does not exist; check the path")
         if not path.is_file():
             raise InputError(f"{flag} {path} is not a file")
+    if args.lora is None and (args.lora_scale is not None or args.merge_lora or args.no_lora_base_check):
+        flags = [("--lora-scale", args.lora_scale is not None), ("--merge-lora", args.merge_lora),
+                 ("--no-lora-base-check", args.no_lora_base_check)]
+        raise InputError(f"{next(f for f, given in flags if given)} needs --lora PATH (the adapter to load)")
+    if args.lora is not None:
+        from scail2.lora import PEFT_WEIGHTS
+
+        if not args.lora.exists():
+            raise InputError(f"--lora {args.lora} does not exist; give a peft folder or a ComfyUI .safetensors file")
+        if args.lora.is_dir() and not (args.lora / PEFT_WEIGHTS).is_file():
+            raise InputError(f"--lora {args.lora} is a folder without {PEFT_WEIGHTS}; give a peft adapter folder")
     if args.out.suffix.lower() not in VIDEO_SUFFIXES:
         raise InputError(f"--out {args.out} has suffix {args.out.suffix!r}; use one of {VIDEO_SUFFIXES} (e.g. out.mp4)")
     if args.out.exists() and args.out.is_dir():
@@ -208,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: cannot load the model from {args.model}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.lora is not None:
+        scale = 1.0 if args.lora_scale is None else args.lora_scale
+        try:
+            pipe.load_lora(args.lora, scale=scale, merge=args.merge_lora, check_base=not args.no_lora_base_check)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"error: cannot load the LoRA adapter {args.lora}: {msg}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"LoRA {args.lora}: rank {pipe.lora_loaded.rank}, scale {scale:g}{', merged' if args.merge_lora else ''}")
     if args.offload:
         pipe.enable_model_cpu_offload(device)
     else:

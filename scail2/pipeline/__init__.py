@@ -1,7 +1,7 @@
 """Inference: ``SCAIL2Pipeline`` and the pieces it is built from.
 
 - `pipeline`: `SCAIL2Pipeline` (``from_pretrained`` / ``save_pretrained`` / ``__call__`` / ``generate`` /
-  ``sample_latents``) and `SCAIL2Output`;
+  ``sample_latents`` / ``load_lora``), `SCAIL2Output` and `LoadedLoRA`;
 - `sampling`: `sample_latents`, the denoising loop on encoded conditioning (shared with validation during
   training), and `SamplingConditioning`;
 - `schedulers`: `make_scheduler` (UniPC or Euler, flow matching with a time shift);
@@ -13,12 +13,13 @@ Importing this package loads no model and imports neither diffusers nor transfor
 """
 
 from scail2.pipeline.inputs import PipelineInputError, PreparedInputs, prepare_inputs
-from scail2.pipeline.pipeline import SCAIL2Output, SCAIL2Pipeline
+from scail2.pipeline.pipeline import LoadedLoRA, SCAIL2Output, SCAIL2Pipeline
 from scail2.pipeline.sampling import SamplingConditioning, sample_latents
 from scail2.pipeline.schedulers import SCHEDULERS, make_scheduler
 from scail2.pipeline.segments import SegmentPlan, output_length, plan_segments
 
 __all__ = [
+    "LoadedLoRA",
     "PipelineInputError",
     "PreparedInputs",
     "SCAIL2Output",

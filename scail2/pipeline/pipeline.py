@@ -42,6 +42,17 @@ OUTPUT_TYPES: tuple[str, ...] = ("np", "pt")
 StepEndCallback = Callable[["SCAIL2Pipeline", int, torch.Tensor, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class LoadedLoRA:
+    """The LoRA adapter a pipeline's transformer carries (see :meth:`SCAIL2Pipeline.load_lora`)."""
+
+    path: Path
+    scale: float
+    merged: bool  # folded into the weights: cannot be unloaded
+    rank: int
+    alpha: float
+
+
 @dataclass
 class SCAIL2Output:
     """frames: "np" -> uint8 array (F, H, W, 3); "pt" -> float32 tensor (F, 3, H, W) in [-1, 1]."""
@@ -107,6 +118,7 @@ class SCAIL2Pipeline:
         self.image_encoder = image_encoder
         self.scheduler = scheduler
         self._offload_device: torch.device | None = None
+        self._lora: LoadedLoRA | None = None
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -127,6 +139,8 @@ class SCAIL2Pipeline:
         image_dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> "SCAIL2Pipeline":
         """Load every component from ``path`` (layout in ``scail2.pipeline.layout``) or from its own path.
 
@@ -134,7 +148,8 @@ class SCAIL2Pipeline:
         transformer's (default: as stored); ``text_dtype`` should be bfloat16 for the real umT5-XXL (float16
         overflows); the VAE is best kept in float32. ``scheduler`` "unipc" | "euler" replaces the saved
         scheduler kind, keeping its shift. ``device``: where every component goes (see also
-        :meth:`enable_model_cpu_offload`).
+        :meth:`enable_model_cpu_offload`). ``lora`` / ``lora_scale``: a LoRA adapter loaded (unmerged) with
+        :meth:`load_lora` before the pipeline moves to ``device``.
         """
         from scail2.encoders.bundle import Encoders
         from scail2.models.loading import load_transformer
@@ -169,12 +184,91 @@ class SCAIL2Pipeline:
         if scheduler is not None:
             sched = make_scheduler(scheduler, scheduler_shift(sched))
         pipe = cls(transformer, encoders.vae, encoders.text, encoders.image, sched)
+        if lora is not None:
+            pipe.load_lora(lora, scale=lora_scale)
         return pipe.to(device) if device is not None else pipe
 
+    # ------------------------------------------------------------------------------------------ LoRA
+    @property
+    def lora_loaded(self) -> LoadedLoRA | None:
+        """The adapter loaded with :meth:`load_lora` (path, scale, merged, rank, alpha), or None."""
+        return self._lora
+
+    def load_lora(
+        self, path: str | Path, scale: float = 1.0, merge: bool = False, check_base: bool = True
+    ) -> "SCAIL2Pipeline":
+        """Load a LoRA adapter into the transformer: a peft folder (``adapter_model.safetensors`` +
+        ``adapter_config.json``) or a ComfyUI ``.safetensors`` file, as ``scail2.lora.save_lora`` writes them
+        (the DPO export's ``lora/`` and ``lora_comfyui.safetensors``).
+
+        Loading is strict: every adapter in the file must fit a layer of the transformer and every layer its
+        pattern selects must have weights; anything else raises ``ValueError`` naming the file and what does not
+        fit, and leaves the transformer untouched. With ``check_base`` the file's base-model hash must match the
+        transformer's weights (compared in the dtype the adapter was trained on). ``scale`` multiplies the
+        adapter's effect (0: none, 1: as trained). ``merge`` folds it, scaled, into the weights (no adapter
+        overhead at sampling; cannot be unloaded). The adapter weights take the transformer's dtype and device;
+        the transformer's train/eval mode and ``requires_grad`` flags are kept (adapter weights get none).
+
+        One adapter at a time: loading a second one raises; call :meth:`unload_lora` first.
+        """
+        from scail2.lora import load_lora, lora_layers, merge_lora, set_lora_scale
+
+        if self._lora is not None:
+            if self._lora.merged:
+                raise ValueError(
+                    f"the LoRA adapter {self._lora.path} is merged into the transformer; load the pipeline again "
+                    f"(from_pretrained) to load {path}"
+                )
+            raise ValueError(
+                f"the LoRA adapter {self._lora.path} is loaded; call unload_lora() first to load {path} "
+                "(one adapter at a time)"
+            )
+        scale = float(scale)
+        transformer = self.transformer
+        was_training = transformer.training
+        grads = {id(p): p.requires_grad for p in transformer.parameters()}
+        load_lora(transformer, path, check_base=check_base)
+        layer = next(iter(lora_layers(transformer).values()))
+        rank, alpha = int(layer.r["default"]), float(layer.lora_alpha["default"])
+        set_lora_scale(transformer, scale)
+        if merge:
+            merge_lora(transformer)
+        transformer.train(was_training)
+        for p in transformer.parameters():
+            p.requires_grad_(grads.get(id(p), False))
+        self._lora = LoadedLoRA(Path(path), scale, merge, rank, alpha)
+        log.info("loaded LoRA %s (rank %d, scale %g%s)", path, rank, scale, ", merged" if merge else "")
+        return self
+
+    def unload_lora(self) -> "SCAIL2Pipeline":
+        """Remove the adapter loaded with :meth:`load_lora`, giving back the base transformer exactly (a no-op
+        without one). A merged adapter cannot be removed: that raises ``ValueError``."""
+        from scail2.lora import remove_lora
+
+        if self._lora is None:
+            return self
+        if self._lora.merged:
+            raise ValueError(
+                f"the LoRA adapter {self._lora.path} was merged into the transformer's weights and cannot be "
+                "removed; load the pipeline again (from_pretrained) for the base weights"
+            )
+        remove_lora(self.transformer)
+        self._lora = None
+        return self
+
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write every component in the layout :meth:`from_pretrained` reads (weights as safetensors)."""
+        """Write every component in the layout :meth:`from_pretrained` reads (weights as safetensors).
+
+        A LoRA adapter is saved only merged (``load_lora(..., merge=True)``); with an unmerged one this raises.
+        """
         from scail2.models.loading import save_pretrained as save_transformer
 
+        if any(".base_layer." in name for name, _ in self.transformer.named_parameters()):
+            where = f" ({self._lora.path})" if self._lora is not None else ""
+            raise ValueError(
+                f"the transformer carries an unmerged LoRA adapter{where}; call unload_lora() to save the base "
+                "model, or load the adapter with merge=True to save the adapted one"
+            )
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         save_transformer(self.transformer, root / "transformer")
