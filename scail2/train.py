@@ -40,11 +40,14 @@ class TrainResult:
     export_dir: Path | None
     tracking_uri: str | None
     run_id: str | None
-    pipeline: bool  # export_dir is also a complete pipeline folder (export.encoders)
+    pipeline: bool  # pipeline_dir is a complete pipeline folder (export.encoders)
     resumed_from: Path | None
     seconds: float
     global_step: int
     validation: list[Any] = field(default_factory=list)  # scail2.lit.validation.ValidationResult
+    heldout: list[dict[str, float]] = field(default_factory=list)  # DPO: held-out pair metrics ("step" + values)
+    pipeline_dir: Path | None = None  # the export folder scail2-animate --model loads (export_dir or its merged/)
+    lora_dir: Path | None = None  # DPO: the adapters (peft layout)
 
 
 def _absolute_paths(cfg: DictConfig) -> None:
@@ -205,6 +208,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any 
         seconds=time.perf_counter() - start,
         global_step=trainer.global_step,
         validation=list(module.validation_history),
+        heldout=list(getattr(module, "heldout_history", [])),
+        pipeline_dir=export.pipeline_dir if export is not None else None,
+        lora_dir=lora if export is not None and export.written is not None and (lora := export.written / "lora").is_dir() else None,
     )
 
 
@@ -220,6 +226,13 @@ def summary(result: TrainResult) -> str:
             if key in final.metrics:
                 better = "higher is better" if key == "val/psnr" else "lower is better"
                 lines.append(f"  {key:<16} {first.metrics[key]:10.4f} -> {final.metrics[key]:10.4f}   ({better})")
+    if len(result.heldout) >= 2:
+        first, final = result.heldout[0], result.heldout[-1]
+        lines.append(f"Preference pairs (held-out; trainpairs: seen in training), fixed draws, step {first['step']:.0f} -> step {final['step']:.0f}:")
+        for key in first:
+            if key != "step" and key in final:
+                better = "lower is better" if key.endswith("dpo_loss") else "higher is better"
+                lines.append(f"  {key:<30} {first[key]:10.4f} -> {final[key]:10.4f}   ({better})")
     lines.append("Outputs:")
     lines.append(f"  run folder      {result.run_dir}")
     if result.tracking_uri:
@@ -233,10 +246,15 @@ def summary(result: TrainResult) -> str:
     if result.checkpoint_dir is not None:
         lines.append(f"  checkpoints     {result.checkpoint_dir}" + (f"  (last: {result.last_checkpoint.name})" if result.last_checkpoint else ""))
     if result.export_dir is not None:
+        network = result.pipeline_dir or (result.export_dir / "merged" if result.lora_dir else result.export_dir)
         lines.append(f"  exported model  {result.export_dir}")
-        lines.append(f"      load it:    scail2.models.load_transformer('{result.export_dir}')")
+        if result.lora_dir is not None:
+            lines.append(f"      adapters:   {result.lora_dir}  (peft layout; lora_comfyui.safetensors next to it)")
+        lines.append(f"      load it:    scail2.models.load_transformer('{network}')")
         if result.pipeline:
-            lines.append(f"      run it:     scail2-animate --model {result.export_dir} --ref REF.png --driving VIDEO.mp4 --out OUT.mp4")
+            lines.append(f"      run it:     scail2-animate --model {network} --ref REF.png --driving VIDEO.mp4 --out OUT.mp4")
+        if result.lora_dir is not None:
+            lines.append(f"      or:         scail2-animate --model BASE_PIPELINE --lora {result.lora_dir} ...")
     return "\n".join(lines)
 
 
@@ -246,9 +264,12 @@ def _task(cfg: DictConfig) -> float | None:
     result = train(cfg)
     if rank_zero_only.rank == 0:
         print(summary(result), flush=True)
+    # Returned to Hydra (sweepers can optimise it): the last validation's latent MSE, or for DPO the last held-out
+    # DPO loss.
     final = result.validation[-1].metrics if result.validation else {}
-    # Returned to Hydra (sweepers can optimise it): the last validation's latent MSE.
-    return final["val/latent_mse"] if "val/latent_mse" in final else None
+    if "val/latent_mse" in final:
+        return final["val/latent_mse"]
+    return result.heldout[-1]["heldout/dpo_loss"] if result.heldout else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

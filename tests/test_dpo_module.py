@@ -45,15 +45,15 @@ def test_dpo_training_raises_implicit_accuracy(tmp_path):
     heldout_cache = train_cache
     module = DPOModule(
         net=tiny_net,
-        objective=DPOConfig(beta=500.0, sft_weight=0.1),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0),
-        lora=LoRASpec(rank=8),
+        objective=DPOConfig(beta=5000.0, sft_weight=0.1),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.95), weight_decay=0.0),
+        lora=LoRASpec(rank=16),
         heldout=HeldOutConfig(cache_dir=str(heldout_cache), num_pairs=6, batch_size=3),
         seed=0,
     )
     dm = PreferenceDataModule(cache_dir=train_cache, batch_size=2, num_workers=0, samples_per_epoch=400, seed=0)
     trainer = L.Trainer(
-        max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=100, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         use_distributed_sampler=False, default_root_dir=tmp_path, gradient_clip_val=1.0,
     )  # fmt: skip
     base_before = {n: p.detach().clone() for n, p in tiny_net().named_parameters()}

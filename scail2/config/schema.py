@@ -278,10 +278,14 @@ def _fresh(entries: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
 TARGET_SCHEMAS: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {
     ("model", "scail2_transformer"): ("scail2.lit.networks.scail2_transformer", (), True),
     ("module", "pretrain"): ("scail2.lit.pretrain.PretrainModule", ("net", "objective", "optimizer", "scheduler"), False),
+    ("module", "dpo"): ("scail2.lit.dpo.DPOModule", ("net", "objective", "optimizer", "scheduler"), False),
     ("objective", "flow_matching"): ("scail2.objectives.flow_matching.FlowMatchingConfig", (), False),
+    ("objective", "dpo"): ("scail2.objectives.dpo.DPOConfig", (), False),
     ("scheduler", "warmup_cosine"): ("scail2.lit.optim.warmup_cosine", ("optimizer",), True),
     ("data", "motion"): ("scail2.data.datamodule.MotionDataModule", (), False),
     ("data", "synthetic"): ("scail2.lit.data.SyntheticDataModule", (), False),
+    ("data", "preference"): ("scail2.data.preference_data.PreferenceDataModule", (), False),
+    ("data", "synthetic_preference"): ("scail2.lit.data.SyntheticPreferenceDataModule", (), False),
     ("strategy", "single"): ("scail2.lit.strategies.single_device", (), False),
     ("strategy", "fsdp2"): ("scail2.lit.strategies.FSDP2Strategy", (), False),
     ("strategy", "deepspeed"): ("scail2.lit.strategies.deepspeed", (), False),
@@ -293,7 +297,8 @@ TARGET_SCHEMAS: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {
 
 
 def register_configs(experiments: Path | None = None) -> None:
-    """Register the schemas and the experiment files with Hydra's ConfigStore (idempotent).
+    """Register the schemas and the experiment files with Hydra's ConfigStore, and the config resolver
+    ``latest_export`` (idempotent).
 
     ``experiments``: folder of experiment files (default: the checkout's ``experiments/``); each ``NAME.yaml``
     becomes the option ``experiment=NAME`` (package ``_global_``: experiments override anything).
@@ -302,6 +307,8 @@ def register_configs(experiments: Path | None = None) -> None:
 
     from scail2.config.instantiate import locate
 
+    if not OmegaConf.has_resolver("latest_export"):
+        OmegaConf.register_new_resolver("latest_export", _latest_export)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for (group, name), (target, injected, partial) in TARGET_SCHEMAS.items():
@@ -310,6 +317,13 @@ def register_configs(experiments: Path | None = None) -> None:
     folder = experiments if experiments is not None else experiments_dir()
     for path in sorted(folder.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _latest_export(run_name: str, *, _root_: Any) -> str:
+    """``${latest_export:NAME}``: the newest exported model of the runs named NAME under paths.output_root."""
+    from scail2.lit.export import latest_export
+
+    return str(latest_export(Path(_root_.paths.output_root).expanduser().absolute(), run_name))
 
 
 def compose_config(overrides: list[str] = (), config_name: str = "train") -> Any:

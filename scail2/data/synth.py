@@ -100,6 +100,7 @@ class Character:
     thickness: float  # limb radius as a fraction of the figure height
     proportions: tuple[float, float, float]  # torso, arm, leg length factors
     hand_colour: tuple[int, int, int] | None  # None: no hands drawn
+    hand_size: float = 1.3  # hand blob radius as a multiple of the limb radius
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def draw_posed(background: np.ndarray, cast: Sequence[tuple[Character, dict[str,
         canvas = np.where(body[..., None], colour * shade, canvas)
         silhouette = body
         if character.hand_colour is not None:
-            hand_r = max(1.0, radius * 1.3)
+            hand_r = max(1.0, radius * character.hand_size)
             hand = _discs(joints["hand_l"], hand_r, yy, xx) | _discs(joints["hand_r"], hand_r, yy, xx)
             canvas = np.where(hand[..., None], np.array(character.hand_colour, dtype=np.float32), canvas)
             silhouette = body | hand

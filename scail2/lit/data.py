@@ -1,4 +1,5 @@
-"""The ``data=synthetic`` option: a latent-cache data module that creates its data on first use.
+"""The ``data=synthetic`` and ``data=synthetic_preference`` options: data modules that create their data on first
+use (`SyntheticDataModule` for pretraining, `SyntheticPreferenceDataModule` for DPO).
 
 `SyntheticDataModule.prepare_data` (run once per node before training) writes, when absent,
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
+
 from scail2.data.datamodule import MotionDataModule
+from scail2.data.preference_data import PreferenceDataModule
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +117,154 @@ class SyntheticDataModule(MotionDataModule):
         )
         if report.cached == 0:
             raise RuntimeError(f"no synthetic pair could be encoded ({report.failed} failed); see the log above")
+
+
+class SyntheticPreferenceDataModule(PreferenceDataModule):
+    """The ``data=synthetic_preference`` option: Bias-Aware DPO pairs built from synthetic motion videos, created
+    on first use, with a held-out set of pairs from other videos.
+
+    `prepare_data` writes, when absent,
+
+        <root>/videos/              ``videos`` synthetic motion videos (`scail2.data.synth`); the last
+                                    ``heldout_fraction`` of them are kept for held-out pairs
+        <root>/encoders/            tiny random encoders (the same as ``data=synthetic`` with the same seed,
+                                    so a model trained there reads these latents)
+        <root>/train/  <root>/heldout/   ``pairs`` / ``heldout_pairs`` preference pairs (`build_preferences`
+                                    with ground-truth poses as P, `NoisyPoses` as P' and the synthetic renderer
+                                    as G: Eq. 4-7) and their preference cache (``cache/``)
+
+    and training reads ``<root>/train/cache``; ``heldout_cache_dir`` is the held-out cache (for
+    ``module.heldout.cache_dir``). Everything is a function of the seeds; an interrupted preparation resumes.
+
+    Args:
+        root: folder of the generated data.
+        videos, frames, height, width, data_seed: the synthetic source videos (`SynthOptions`).
+        pairs, heldout_pairs: preference pairs built from the training / held-out videos.
+        heldout_fraction: share of the videos kept for held-out pairs (at least one video each way).
+        build_seed: seed of the pair construction (references, P' noise); the held-out set uses build_seed + 1.
+        weak_pose_noise: keyword arguments of `NoisyPoses` (P'): jitter, hand_jitter, confusion_p, hand_drop_p.
+        hand_size: hand radius of the generated characters (`SyntheticReferences`; None: as the motion data).
+        encoders_seed: seed of the tiny random encoders.
+        batch_size, num_workers, samples_per_epoch, seed: as `PreferenceDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        videos: int = 32,
+        frames: int = 9,
+        height: int = 64,
+        width: int = 64,
+        data_seed: int = 0,
+        pairs: int = 48,
+        heldout_pairs: int = 16,
+        heldout_fraction: float = 0.25,
+        build_seed: int = 0,
+        weak_pose_noise: dict[str, float] | None = None,
+        hand_size: float | None = None,
+        encoders_seed: int = 0,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction is {heldout_fraction}; need a share strictly between 0 and 1")
+        held = round(videos * heldout_fraction)
+        if held < 1 or held >= videos:
+            raise ValueError(
+                f"videos={videos} with heldout_fraction={heldout_fraction} keeps {held} video(s) for held-out pairs; "
+                "both sets need at least one video (raise videos or change heldout_fraction)"
+            )
+        self.root = Path(root)
+        super().__init__(
+            cache_dir=self.root / "train" / "cache",
+            batch_size=batch_size,
+            num_workers=num_workers,
+            samples_per_epoch=samples_per_epoch,
+            seed=seed,
+        )
+        from scail2.data.synth import SynthOptions
+
+        self.synth = SynthOptions(pairs=videos, frames=frames, sizes=((height, width),), seed=data_seed)
+        self.heldout_videos = held
+        self.pairs, self.heldout_pairs = pairs, heldout_pairs
+        self.build_seed = build_seed
+        self.weak_pose_noise = dict(weak_pose_noise) if weak_pose_noise is not None else {}
+        self.hand_size = hand_size
+        self.encoders_seed = encoders_seed
+        self.encoders_dir = self.root / "encoders"
+        self.heldout_cache_dir = self.root / "heldout" / "cache"
+
+    def components(self) -> dict[str, Any]:
+        """The pair-construction components (`load_components` mapping)."""
+        here = "scail2.data.preference_components"
+        poses = {"_target_": f"{here}.SyntheticPoses", "synth_seed": self.synth.seed}
+        return {
+            "pose_estimator": poses,
+            "weak_pose_estimator": {"_target_": f"{here}.NoisyPoses", "base": poses, "seed": self.build_seed, **self.weak_pose_noise},
+            "generator": f"{here}.SyntheticRenderer",
+            "references": {"_target_": f"{here}.SyntheticReferences", "hand_size": self.hand_size}
+            if self.hand_size is not None
+            else f"{here}.SyntheticReferences",
+        }
+
+    def prepare_data(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        videos = self.root / "videos"
+        manifest = videos / "manifest.jsonl"
+        if not manifest.exists():
+            from scail2.data.synth import generate_dataset
+
+            log.info("writing %d synthetic motion videos to %s", self.synth.pairs, videos)
+            generate_dataset(videos, self.synth)
+        lines = [line for line in manifest.read_text().splitlines(keepends=True) if line.strip()]
+        split = len(lines) - self.heldout_videos
+        # Split manifests next to the full one, so the records' relative paths still resolve.
+        for name, part in (("train", lines[:split]), ("heldout", lines[split:])):
+            path = videos / f"{name}.jsonl"
+            if not path.exists() or path.read_text() != "".join(part):
+                path.write_text("".join(part))
+        if not (self.encoders_dir / "vae" / "config.json").exists():
+            from scail2.encoders.tiny import save_tiny_encoders
+
+            log.info("writing tiny random encoders to %s", self.encoders_dir)
+            save_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
+        for name, pairs, seed in (("train", self.pairs, self.build_seed), ("heldout", self.heldout_pairs, self.build_seed + 1)):
+            self._build(name, pairs, seed)
+
+    def _build(self, name: str, pairs: int, seed: int) -> None:
+        from scail2.data.buckets import Bucket
+        from scail2.data.preference import load_preference_manifest
+        from scail2.data.preference_builder import BuildOptions, build_preferences, load_components
+        from scail2.data.preference_data import PreferenceCacheIndex, build_preference_cache
+
+        folder = self.root / name
+        cache = folder / "cache"
+        if (cache / "index.json").exists():
+            index = PreferenceCacheIndex.load(cache)
+            if len(index.samples) + len(index.failed) >= pairs:
+                return
+        report = build_preferences(
+            self.root / "videos" / f"{name}.jsonl", folder / "pairs", load_components(self.components()), BuildOptions(pairs=pairs, seed=seed)
+        )
+        if report.pairs < pairs:
+            raise RuntimeError(
+                f"only {report.pairs} of {pairs} {name} preference pairs could be built from {self.root / 'videos'} "
+                f"({report.rejected + report.rejected_before} rejected, {report.failed} failed); see {folder / 'pairs'}"
+            )
+        from scail2.encoders.bundle import Encoders
+
+        log.info("encoding %d %s preference pairs into %s (once)", report.pairs, name, cache)
+        (height, width), = self.synth.sizes
+        result = build_preference_cache(
+            load_preference_manifest(report.manifest),
+            cache,
+            Encoders.from_pretrained(self.encoders_dir),
+            buckets=[Bucket(self.synth.frames, height, width)],
+            seed=seed,
+            dtype="float32",
+            encoders_name="tiny",
+        )
+        if result.cached < pairs:
+            raise RuntimeError(f"only {result.cached} of {pairs} {name} preference pairs could be encoded into {cache}")

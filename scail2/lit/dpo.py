@@ -25,14 +25,13 @@ from scail2.data.batch import PreferenceBatch
 from scail2.lit.base import SCAIL2Module, StepOutput
 from scail2.lora import LoRASpec, add_lora, merge_lora, save_lora
 from scail2.objectives.dpo import DPOConfig, dpo_loss
-from scail2.objectives.flow_matching import FlowMatchingConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HeldOutConfig:
-    """Held-out preference pairs for validation: a cache folder or a manifest (+ encoders)."""
+    """Held-out preference pairs for validation: a cache folder or a manifest (+ encoders); neither: none."""
 
     cache_dir: str | None = None
     manifest: str | None = None
@@ -40,18 +39,45 @@ class HeldOutConfig:
     num_pairs: int = 16
     batch_size: int = 4
     seed: int = 4321
+    # Noise / timestep draws per pair: the implicit accuracy of one draw is a coin flip weighted by a small
+    # margin, so each pair is scored under several fixed draws (the same ones at every evaluation).
+    draws: int = 4
+    every_n_steps: int | None = None  # also evaluate every n optimizer steps (always before and after training)
+    training_pairs: bool = False  # also measure num_pairs of the training pairs (``trainpairs/*``)
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            raise ValueError(f"heldout.every_n_steps is {self.every_n_steps}; need at least 1 (or null)")
+        for name in ("num_pairs", "batch_size", "draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"heldout.{name} is {getattr(self, name)}; need at least 1")
 
 
 class DPOModule(SCAIL2Module):
-    """``objective``: a `DPOConfig` (or its fields); ``lora``: a `LoRASpec` (or its fields)."""
+    """``objective``: a `DPOConfig` (or its fields); ``lora``: a `LoRASpec` (or its fields); ``heldout``: a
+    `HeldOutConfig` (or its fields; without a cache_dir or manifest there is no held-out evaluation). The other
+    arguments are `SCAIL2Module`'s; ``init_from`` should be the pretrained model the adapters post-train."""
 
-    def __init__(self, *args: Any, lora: LoRASpec | Mapping[str, Any] = LoRASpec(), heldout: HeldOutConfig | Mapping[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        lora: LoRASpec | Mapping[str, Any] = LoRASpec(),
+        heldout: HeldOutConfig | Mapping[str, Any] | None = HeldOutConfig(),
+        **kwargs: Any,
+    ):
         kwargs.setdefault("validation", None)  # the base's sampling validation needs motion data
         super().__init__(*args, **kwargs)
         self.lora = lora if isinstance(lora, LoRASpec) else LoRASpec(**lora)
-        self.heldout = heldout if heldout is None or isinstance(heldout, HeldOutConfig) else HeldOutConfig(**heldout)
-        self._heldout_batches: list[PreferenceBatch] | None = None
+        if isinstance(heldout, Mapping):
+            heldout = HeldOutConfig(**heldout)
+        if heldout is not None and heldout.cache_dir is None and heldout.manifest is None:
+            heldout = None  # no held-out pairs configured
+        if heldout is not None and heldout.cache_dir is None and heldout.encoders_root is None:
+            raise ValueError("heldout.manifest needs heldout.encoders_root (or give heldout.cache_dir, a preference cache)")
+        self.heldout = heldout
+        self._heldout_batches: dict[str, list[PreferenceBatch]] | None = None
         self.heldout_history: list[dict[str, float]] = []
+        self._last_heldout_step = -1
 
     def configure_model(self) -> None:
         if self.net is not None:
@@ -66,10 +92,7 @@ class DPOModule(SCAIL2Module):
 
     def setup(self, stage: str) -> None:
         if isinstance(self.objective, Mapping):
-            fields = dict(self.objective)
-            if isinstance(fields.get("sigma"), Mapping):
-                fields["sigma"] = FlowMatchingConfig(**fields["sigma"])
-            self.objective = DPOConfig(**fields)
+            self.objective = DPOConfig(**self.objective)
         if not isinstance(self.objective, DPOConfig):
             raise TypeError(f"DPOModule needs a DPOConfig objective, got {type(self.objective).__name__}")
         super().setup(stage)
@@ -95,15 +118,16 @@ class DPOModule(SCAIL2Module):
         )
 
     # ------------------------------------------------------------------------------------------------ held-out
-    def _load_heldout(self) -> list[PreferenceBatch]:
+    def _fixed_batches(self, cache_dir: Any, manifest: Any, encoders_root: Any) -> list[PreferenceBatch]:
+        """The first ``heldout.num_pairs`` pairs of a preference set, drawn once with ``heldout.seed``."""
         from scail2.data.preference_data import PreferenceDataModule
 
         h = self.heldout
         assert h is not None
         dm = PreferenceDataModule(
-            manifest=h.manifest,
-            cache_dir=h.cache_dir,
-            encoders_root=h.encoders_root,
+            manifest=manifest,
+            cache_dir=cache_dir,
+            encoders_root=encoders_root,
             batch_size=h.batch_size,
             num_workers=0,
             samples_per_epoch=h.num_pairs,
@@ -116,29 +140,46 @@ class DPOModule(SCAIL2Module):
                 break
         return batches
 
+    def _evaluation_sets(self) -> dict[str, list[PreferenceBatch]]:
+        if self._heldout_batches is None:
+            h = self.heldout
+            assert h is not None
+            sets = {"heldout": self._fixed_batches(h.cache_dir, h.manifest, h.encoders_root)}
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if h.training_pairs and dm is not None and hasattr(dm, "cache_dir") and hasattr(dm, "manifest"):
+                # The same measurement on pairs the run trains on: whether the optimisation itself works.
+                sets["trainpairs"] = self._fixed_batches(dm.cache_dir, dm.manifest, getattr(dm, "encoders_root", None))
+            self._heldout_batches = sets
+        return self._heldout_batches
+
     @torch.no_grad()
     def heldout_metrics(self) -> dict[str, float]:
-        """Implicit accuracy, DPO loss and reward margin on the held-out pairs (fixed noise per batch)."""
-        if self._heldout_batches is None:
-            self._heldout_batches = self._load_heldout()
+        """Implicit accuracy, DPO loss and reward margin on the held-out pairs (``heldout/*``; with
+        ``heldout.training_pairs`` also on as many training pairs, ``trainpairs/*``), averaged over
+        ``heldout.draws`` fixed noise / timestep draws per pair."""
+        sets = self._evaluation_sets()
         assert self.net is not None and self.heldout is not None
         was_training = self.net.training
         self.net.eval()
-        acc, loss, margin, n = 0.0, 0.0, 0.0, 0
+        metrics: dict[str, float] = {}
         try:
-            for i, batch in enumerate(self._heldout_batches):
-                batch = batch.to(self.device)
-                g = torch.Generator().manual_seed(self.heldout.seed + i)
-                out = dpo_loss(self.net, batch, g, self.objective)
-                b = batch.batch_size
-                acc += float(out.implicit_accuracy) * b
-                loss += float(out.dpo_loss) * b
-                margin += float(out.reward_margin) * b
-                n += b
+            for name, batches in sets.items():
+                acc, loss, margin, n = 0.0, 0.0, 0.0, 0
+                for i, batch in enumerate(batches):
+                    batch = batch.to(self.device)
+                    for d in range(self.heldout.draws):
+                        g = torch.Generator().manual_seed(self.heldout.seed + 100_003 * d + i)
+                        out = dpo_loss(self.net, batch, g, self.objective)
+                        b = batch.batch_size
+                        acc += float(out.implicit_accuracy) * b
+                        loss += float(out.dpo_loss) * b
+                        margin += float(out.reward_margin) * b
+                        n += b
+                metrics.update({f"{name}/implicit_accuracy": acc / n, f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n})
         finally:
             self.net.train(was_training)
-        metrics = {"heldout/implicit_accuracy": acc / n, "heldout/dpo_loss": loss / n, "heldout/reward_margin": margin / n}
         self.heldout_history.append({"step": float(self.global_step), **metrics})
+        self._last_heldout_step = self.global_step
         if self.global_rank == 0:
             log.info("held-out at step %d: %s", self.global_step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             for logger in self.loggers:
@@ -149,8 +190,17 @@ class DPOModule(SCAIL2Module):
         if self.heldout is not None and not self.trainer.fast_dev_run and self.global_step == 0:
             self.heldout_metrics()
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        h = self.heldout
+        if h is None or h.every_n_steps is None or self.trainer.fast_dev_run:
+            return
+        step = self.global_step
+        if step % h.every_n_steps == 0 and step != self.trainer.max_steps and self._last_heldout_step != step:
+            self.heldout_metrics()
+
     def on_train_end(self) -> None:
-        if self.heldout is not None and not self.trainer.fast_dev_run:
+        if self.heldout is not None and not self.trainer.fast_dev_run and self._last_heldout_step != self.global_step:
             self.heldout_metrics()
 
     # ------------------------------------------------------------------------------------------------ export

@@ -23,9 +23,11 @@ class ExportModel(Callback):
     itself as the transformer and those encoders by absolute path, so it is a complete pipeline folder for
     ``SCAIL2Pipeline.from_pretrained(folder)`` and ``scail2-animate --model folder`` (nothing is copied).
 
+    A LoRA export (DPO: ``lora/``, ``lora_comfyui.safetensors``, ``merged/``) gets the index in ``merged/``.
+
     Runs on every rank (a sharded network is gathered first); global rank 0 writes. ``dtype``: "bfloat16",
-    "float16", "float32" or None (the training dtype). The path written is ``written`` (None elsewhere), and
-    ``pipeline`` is True when the pipeline index was written.
+    "float16", "float32" or None (the training dtype). The path written is ``written`` (None elsewhere);
+    ``pipeline`` is True when the pipeline index was written, in ``pipeline_dir``.
     """
 
     def __init__(self, folder: str | Path, dtype: str | None = None, encoders: str | Path | None = None):
@@ -36,14 +38,20 @@ class ExportModel(Callback):
         self.encoders = Path(encoders) if encoders is not None else None
         self.written: Path | None = None
         self.pipeline = False
+        self.pipeline_dir: Path | None = None  # the folder scail2-animate --model takes, when pipeline
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.written = pl_module.export(self.folder, self.dtype)
         if self.written is None:
             return
         log.info("exported the trained network to %s", self.written)
-        if self.encoders is not None and (self.written / "config.json").is_file():
-            self.pipeline = write_pipeline_index(self.written, self.encoders)
+        if self.encoders is not None:
+            # The network folder: the export itself, or the merged network of a LoRA export (DPO).
+            for network in (self.written, self.written / "merged"):
+                if (network / "config.json").is_file():
+                    self.pipeline = write_pipeline_index(network, self.encoders)
+                    self.pipeline_dir = network if self.pipeline else None
+                    break
         from scail2.lit.tracking import set_tag
 
         for logger in trainer.loggers:
@@ -65,3 +73,17 @@ def write_pipeline_index(folder: Path, encoders: Path) -> bool:
         log.warning("the exported network is not a pipeline folder (export.encoders=%s): %s", encoders, exc)
         return False
     return True
+
+
+def latest_export(output_root: str | Path, run_name: str) -> Path:
+    """The newest exported model folder of the runs named ``run_name`` under ``output_root``
+    (``<output_root>/<run_name>/<run>/model`` or, from a sweep, ``.../multirun_*/<job>/model``); the config
+    resolver ``${latest_export:NAME}`` (e.g. ``dpo_demo``'s ``module.init_from: ${latest_export:demo}``)."""
+    root = Path(output_root) / run_name
+    found = [p.parent for p in (*root.glob("*/model/config.json"), *root.glob("multirun_*/*/model/config.json"))]
+    if not found:
+        raise FileNotFoundError(
+            f"no exported model of the run {run_name!r} under {root} (looked for */model/config.json): run "
+            f"`scail2-train experiment={run_name}` first, or set module.init_from=/path/to/model"
+        )
+    return max(found, key=lambda p: (p / "config.json").stat().st_mtime)

@@ -19,6 +19,7 @@ are scored as whole clips with their captions).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Callable, ContextManager
 
@@ -35,6 +36,16 @@ class DPOConfig:
     beta: float = 5000.0
     sft_weight: float = 1.0  # lambda
     sigma: FlowMatchingConfig = FlowMatchingConfig()  # timestep distribution and shift (shared with pretraining)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sigma, Mapping):  # from a config file
+            object.__setattr__(self, "sigma", FlowMatchingConfig(**self.sigma))
+        if not isinstance(self.sigma, FlowMatchingConfig):
+            raise TypeError(f"DPOConfig.sigma is a {type(self.sigma).__name__}; give a FlowMatchingConfig or its fields")
+        if self.beta <= 0:
+            raise ValueError(f"DPOConfig.beta is {self.beta}; need a positive value (Diffusion-DPO uses 5000)")
+        if self.sft_weight < 0:
+            raise ValueError(f"DPOConfig.sft_weight is {self.sft_weight}; need >= 0")
 
 
 @dataclass

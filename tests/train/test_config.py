@@ -47,12 +47,19 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 def _compose(tmp_path: Path, *overrides: str, mlflow_uri: str | None = None):
     """Compose with ``overrides`` and fill what the command line would have to give."""
+    # dpo_demo starts from the newest `experiment=demo` export (${latest_export:demo}): give it one.
+    demo_export = tmp_path / "demo" / "2026-01-01_00-00-00" / "model"
+    if not (demo_export / "config.json").exists():
+        demo_export.mkdir(parents=True)
+        (demo_export / "config.json").write_text("{}")
     cfg = compose_config([f"paths.output_root={tmp_path}", f"paths.data_root={tmp_path}/data", *overrides])
     cfg.paths.run_dir = str(tmp_path / "run")
     if cfg.logger is not None and mlflow_uri is not None:
         cfg.logger.tracking_uri = mlflow_uri
     for key in [*OmegaConf.missing_keys(cfg), *cfg.required]:
         OmegaConf.update(cfg, key, REQUIRED[key])
+    if cfg.data._target_.endswith(".PreferenceDataModule") and cfg.data.cache_dir is None:
+        OmegaConf.update(cfg, "data.cache_dir", REQUIRED["data.cache_dir"])
     if cfg.data._target_.endswith(".MotionDataModule") and cfg.data.cache_dir is None:
         # data=cache needs its folder, data=manifest its manifest and encoders (set by the user).
         keys = ("data.manifest", "data.encoders_root") if "data=manifest" in overrides else ("data.cache_dir",)
@@ -172,3 +179,43 @@ def test_deepspeed_refuses_cpu_clearly(stage):
 
     with pytest.raises(RuntimeError, match=rf"deepspeed_zero{stage} needs CUDA GPUs.*strategy=fsdp2"):
         deepspeed(stage=stage, accelerator="cpu")
+
+
+def test_dpo_recipe():
+    from scail2.lora import DEFAULT_TARGETS
+
+    cfg = compose_config(["experiment=dpo_wan14b"])
+    assert cfg.model.preset == "wan2.1-14b" and cfg.module._target_ == "scail2.lit.dpo.DPOModule"
+    assert cfg.module.lora.rank == 128 and cfg.module.lora.alpha is None  # scale alpha / r = 1, as released
+    assert cfg.module.lora.target_modules == DEFAULT_TARGETS
+    assert cfg.trainer.max_steps == 400 and cfg.objective._target_ == "scail2.objectives.dpo.DPOConfig"
+    assert set(cfg.required) == {"data.cache_dir", "module.init_from"}
+    demo = compose_config(["experiment=dpo_demo"])
+    module = OmegaConf.to_container(demo.module, resolve=False)
+    assert module["init_from"] == "${latest_export:demo}"  # resolved when the run starts
+    assert module["heldout"]["cache_dir"] == "${data.root}/heldout/cache"
+
+
+def test_latest_export_resolves_the_newest_demo_export(tmp_path):
+    import os
+
+    cfg = compose_config([f"paths.output_root={tmp_path}", "experiment=dpo_demo"])
+    with pytest.raises(Exception, match=r"no exported model of the run 'demo'.*scail2-train experiment=demo.*module\.init_from"):
+        _ = cfg.module.init_from
+    for i, run in enumerate(["2026-01-02_00-00-00", "2026-01-01_00-00-00"]):
+        (tmp_path / "demo" / run / "model").mkdir(parents=True)
+        (tmp_path / "demo" / run / "model" / "config.json").write_text("{}")
+        os.utime(tmp_path / "demo" / run / "model" / "config.json", (1e9 + i, 1e9 + i))
+    # The newest by the time it was written (run folder names from SLURM / torchrun ids do not sort by time).
+    assert cfg.module.init_from == str(tmp_path / "demo" / "2026-01-01_00-00-00" / "model")
+
+
+def test_dpo_config_is_checked():
+    from scail2.objectives.dpo import DPOConfig
+    from scail2.objectives.flow_matching import FlowMatchingConfig
+
+    assert DPOConfig(sigma={"logit_std": 2.0}).sigma == FlowMatchingConfig(logit_std=2.0)
+    with pytest.raises(ValueError, match="beta is -1"):
+        DPOConfig(beta=-1)
+    with pytest.raises(Exception, match="heldout.drawz"):
+        compose_config(["experiment=dpo_demo", "module.heldout.drawz=3"])

@@ -237,31 +237,3 @@ def test_init_from_weights(data_root, tmp_path, source):
     state = StateAround(0)
     train(cfg, [state])
     assert all(torch.equal(state.before["net"][k], expected[k]) for k in expected)
-
-
-@pytest.mark.slow
-def test_demo_experiment_learns(tmp_path):
-    """The demo as shipped (its own 24-pair dataset, 1,500 steps): validation samples get much closer to their
-    targets. About 2 minutes on 2 idle cores."""
-    from scail2.config import compose_config
-
-    cfg = compose_config(["experiment=demo", f"paths.output_root={tmp_path}/outputs", f"paths.data_root={tmp_path}/data", "print_config=false"])
-    cfg.paths.run_dir = str(tmp_path / "outputs" / "demo" / "run")
-    result = train(cfg)
-    before, after = result.validation[0].metrics, result.validation[-1].metrics
-    assert result.validation[0].step == 0 and result.validation[-1].step == cfg.trainer.max_steps
-    assert after["val/latent_mse"] < 0.2 * before["val/latent_mse"]
-    assert after["val/psnr"] > before["val/psnr"] + 1.0
-    assert (result.validation[-1].folder / "grid.png").exists()
-
-    # The export is a pipeline folder: inference runs on it from the command line.
-    assert result.pipeline
-    pair = sorted((Path(cfg.data.root) / "videos" / "pairs").glob("scail_animation_*/reference.png"))[0].parent
-    out = tmp_path / "animated.mp4"
-    proc = subprocess.run(
-        [sys.executable, "-m", "scail2.cli.animate", "--model", str(result.export_dir), "--ref", str(pair / "reference.png"),
-         "--driving", str(pair / "driving.mp4"), "--out", str(out), "--steps", "4", "--guidance", "1",
-         "--height", "64", "--width", "64", "--device", "cpu"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
-    )
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
