@@ -304,6 +304,11 @@ class SCAIL2Module(L.LightningModule):
             self._flops_cache[key] = flops * self.forward_passes_per_step()
         return self._flops_cache[key]
 
+    def training_flops_per_batch(self, batch: Any) -> float:
+        """Matmul FLOPs of one training step on this rank's batch, forward and backward: 3x the forward (the
+        backward computes input and weight gradients, 2x the forward each)."""
+        return 3.0 * self.flops_per_batch(batch)
+
     def forward_passes_per_step(self) -> int:
         """Model forward passes per batch in one training step (1; DPO runs policy and reference twice)."""
         return 1

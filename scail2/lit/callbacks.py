@@ -21,8 +21,8 @@ class ThroughputMonitor(Callback):
 
     Averages over the last ``window`` batches. A batch's time runs from the end of the previous batch to its own
     end (data loading included), except right after a validation, whose time is not counted. FLOPs are the
-    model's own count for the batch shape (`SCAIL2Module.flops_per_batch`) times 3 (forward + backward);
-    activation recomputation is not counted (MFU, not hardware utilisation).
+    model's own count for the batch shape (`SCAIL2Module.training_flops_per_batch`: forward + backward, 3x the
+    forward for pretraining); activation recomputation is not counted (MFU, not hardware utilisation).
 
     Args:
         peak_flops: peak dense FLOP/s of one device in the training precision (e.g. 989e12 for an H100 SXM in
@@ -56,7 +56,7 @@ class ThroughputMonitor(Callback):
         world = trainer.world_size
         mb = pl_module.motion_batch(batch)
         self._times.append(
-            (end - self._start, mb.batch_size * world, pl_module.tokens_per_batch(batch) * world, 3.0 * pl_module.flops_per_batch(batch))
+            (end - self._start, mb.batch_size * world, pl_module.tokens_per_batch(batch) * world, pl_module.training_flops_per_batch(batch))
         )
         self._prev_end, self._prev_step = end, trainer.global_step
         seconds = sum(t[0] for t in self._times)

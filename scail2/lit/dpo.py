@@ -100,6 +100,12 @@ class DPOModule(SCAIL2Module):
     def forward_passes_per_step(self) -> int:
         return 4  # policy and reference, each on winner and loser
 
+    def training_flops_per_batch(self, batch: Any) -> float:
+        """The 4 forwards (policy and reference on winner and loser) plus the policy's backward on both, which
+        computes input gradients only through the frozen weights (about 1x its forward; the adapters' weight
+        gradients are negligible): 6 forward-equivalents = 1.5x the forwards."""
+        return 1.5 * self.flops_per_batch(batch)
+
     def compute_loss(self, batch: PreferenceBatch) -> StepOutput:
         assert self.net is not None and self.generator is not None
         out = dpo_loss(self.net, batch, self.generator, self.objective)
