@@ -118,25 +118,29 @@ def crop_resize(
     mode: str = "bilinear",
     fill: Sequence[float] | float = 0,
 ) -> torch.Tensor:
-    """Crop ``box`` (rounded) from uint8 (F, C, H, W) frames and resize to ``size`` = (height, width).
+    """Crop ``box`` (rounded) from (F, C, H, W) frames and resize to ``size`` = (height, width).
 
     mode: "bilinear" (antialiased; videos) or "nearest" (masks: keeps palette colours exact).
-    Returns uint8 (F, C, height, width).
+    uint8 frames come back uint8 (rounded), float and bool frames (bool: "nearest" only) in their dtype.
     """
-    if frames.dtype != torch.uint8 or frames.ndim != 4:
-        raise ValueError(f"crop_resize takes uint8 (F, C, H, W) frames; got {frames.dtype} {tuple(frames.shape)}")
+    if frames.ndim != 4 or not (frames.dtype in (torch.uint8, torch.bool) or frames.is_floating_point()):
+        raise ValueError(f"crop_resize takes uint8, bool or float (F, C, H, W) frames; got {frames.dtype} {tuple(frames.shape)}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"unknown resize mode {mode!r}; use 'bilinear' (videos) or 'nearest' (masks)")
+    if frames.dtype == torch.bool and mode != "nearest":
+        raise ValueError("bool frames (masks) resize with mode='nearest'")
     cut = _crop(frames, box.rounded(), fill)
     if tuple(cut.shape[-2:]) == tuple(size):
         return cut.contiguous()
     out = []
     for chunk in cut.split(_RESIZE_CHUNK):
         if mode == "nearest":
-            out.append(F.interpolate(chunk, size=size, mode="nearest-exact"))
+            source = chunk.to(torch.uint8) if chunk.dtype == torch.bool else chunk  # no bool interpolation
+            x = F.interpolate(source, size=size, mode="nearest-exact")
+            out.append(x.bool() if chunk.dtype == torch.bool else x)
         else:
             x = F.interpolate(chunk.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-            out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+            out.append(x.round_().clamp_(0, 255).to(torch.uint8) if chunk.dtype == torch.uint8 else x.to(chunk.dtype))
     return torch.cat(out)
 
 

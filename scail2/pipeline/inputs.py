@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scail2.conditioning.masks import (
     ON_THRESHOLD,
@@ -211,31 +210,17 @@ def load_character_masks(masks: Any, what: str, single_frame: bool) -> torch.Ten
 
 # ----------------------------------------------------------------------------------------------- resizing
 def resize_cover(frames: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """Resize (F, C, H, W) frames to cover ``height x width`` (aspect ratio kept) and centre crop to it.
+    """Resize (F, C, H, W) frames to cover ``height x width`` (aspect ratio kept) and centre crop to it: the
+    training data's transform (`scail2.data.transforms.cover_box` + `crop_resize`), so inference inputs are
+    fitted exactly as training clips were.
 
     mode: "bilinear" (antialiased; images and videos) or "nearest" (masks: palette colours stay exact).
     uint8 frames come back uint8 (rounded), float and bool frames in their dtype.
     """
-    if mode not in ("bilinear", "nearest"):
-        raise ValueError(f"unknown resize mode {mode!r}; use 'bilinear' or 'nearest'")
+    from scail2.data.transforms import cover_box, crop_resize
+
     _, _, h, w = frames.shape
-    scale = max(height / h, width / w)
-    # The source window with the target's aspect ratio, centred; rounding keeps it inside the frame.
-    crop_h, crop_w = min(h, round(height / scale)), min(w, round(width / scale))
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    cut = frames[:, :, top : top + crop_h, left : left + crop_w]
-    if (crop_h, crop_w) == (height, width):
-        return cut.contiguous()
-    out = []
-    for chunk in cut.split(_RESIZE_CHUNK):
-        if mode == "nearest":
-            source = chunk.to(torch.uint8) if chunk.dtype == torch.bool else chunk  # no bool interpolation
-            x = F.interpolate(source, size=(height, width), mode="nearest-exact")
-            out.append(x.bool() if chunk.dtype == torch.bool else x)
-        else:
-            x = F.interpolate(chunk.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-            out.append(x.round_().clamp_(0, 255).to(torch.uint8) if chunk.dtype == torch.uint8 else x)
-    return torch.cat(out)
+    return crop_resize(frames, cover_box(h, w, height, width), (height, width), mode)
 
 
 def to_unit(frames: torch.Tensor) -> torch.Tensor:

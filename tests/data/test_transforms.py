@@ -113,3 +113,22 @@ def test_white_to_black_only_touches_white():
     m = torch.tensor([[255, 255, 255], [255, 0, 0], [230, 240, 250], [0, 0, 0]], dtype=torch.uint8).T[:, None]  # (3,1,4)
     out = white_to_black(m)
     assert out[:, 0].T.tolist() == [[0, 0, 0], [255, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_crop_resize_keeps_float_and_bool_and_is_the_pipeline_transform():
+    from scail2.pipeline.inputs import resize_cover
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 3, 48, 80), generator=g, dtype=torch.uint8)
+    box = cover_box(48, 80, 32, 32)
+    as_float = crop_resize(frames.float(), box, (32, 32))
+    assert as_float.dtype == torch.float32
+    # The float path is the uint8 path before rounding.
+    assert torch.equal(as_float.round().clamp(0, 255).to(torch.uint8), crop_resize(frames, box, (32, 32)))
+    masks = frames[:, :1] > 128
+    out = crop_resize(masks, box, (32, 32), mode="nearest")
+    assert out.dtype == torch.bool and torch.equal(out, crop_resize(masks.to(torch.uint8), box, (32, 32), mode="nearest").bool())
+    with pytest.raises(ValueError, match="nearest"):
+        crop_resize(masks, box, (32, 32))
+    # Inference fits its inputs with the same transform as the training clips.
+    assert torch.equal(resize_cover(frames, 32, 32), crop_resize(frames, box, (32, 32)))
