@@ -74,3 +74,46 @@ def test_dpo_training_raises_implicit_accuracy(tmp_path):
 
     merged = load_transformer(out / "merged")
     assert not lora_layers(merged)
+
+
+def _frozen_half_module(heldout_cache):
+    return DPOModule(
+        net=tiny_net,
+        objective=DPOConfig(beta=5000.0, sft_weight=0.1),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=5e-3),
+        lora=LoRASpec(rank=4),
+        heldout=HeldOutConfig(cache_dir=str(heldout_cache), num_pairs=2, batch_size=2, draws=1),
+        frozen_dtype="bfloat16",
+    )
+
+
+def test_frozen_backbone_in_bf16_trains_the_fp32_adapters(tmp_path):
+    train_cache, heldout_cache = caches()
+    module = _frozen_half_module(heldout_cache)
+    dm = PreferenceDataModule(cache_dir=train_cache, batch_size=2, num_workers=0, samples_per_epoch=8, seed=0)
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, use_distributed_sampler=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    params = dict(module.net.named_parameters())
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if "lora_" not in n)
+    lora = {n: p for n, p in params.items() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # the adapters trained
+    assert all(torch.isfinite(torch.tensor(h["heldout/dpo_loss"])) for h in module.heldout_history)
+    out = module.export(tmp_path / "export")
+    from scail2.models import load_transformer
+
+    assert next(load_transformer(out / "merged").parameters()).dtype == torch.bfloat16
+
+
+def test_frozen_half_backbone_needs_mixed_precision(tmp_path):
+    train_cache, heldout_cache = caches()
+    dm = PreferenceDataModule(cache_dir=train_cache, batch_size=2, num_workers=0, samples_per_epoch=8, seed=0)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        use_distributed_sampler=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="frozen_dtype=bfloat16 needs mixed precision.*32-true"):
+        trainer.fit(_frozen_half_module(heldout_cache), datamodule=dm)
+    with pytest.raises(ValueError, match="frozen_dtype='int8'"):
+        DPOModule(net=tiny_net, objective=DPOConfig(), optimizer=torch.optim.AdamW, frozen_dtype="int8")

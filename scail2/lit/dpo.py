@@ -13,6 +13,7 @@ Export writes the adapters (peft layout and a ComfyUI file) and the merged netwo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from scail2.lora import LoRASpec, add_lora, merge_lora, save_lora
 from scail2.objectives.dpo import DPOConfig, dpo_loss
 
 log = logging.getLogger(__name__)
+
+
+_FROZEN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_MIXED = ("bf16-mixed", "16-mixed")
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,17 @@ class HeldOutConfig:
 
 class DPOModule(SCAIL2Module):
     """``objective``: a `DPOConfig` (or its fields); ``lora``: a `LoRASpec` (or its fields); ``heldout``: a
-    `HeldOutConfig` (or its fields; without a cache_dir or manifest there is no held-out evaluation). The other
-    arguments are `SCAIL2Module`'s; ``init_from`` should be the pretrained model the adapters post-train."""
+    `HeldOutConfig` (or its fields; without a cache_dir or manifest there is no held-out evaluation);
+    ``frozen_dtype``: "bfloat16" / "float16" stores the frozen backbone in half precision (with
+    ``trainer.precision`` bf16-mixed / 16-mixed; None keeps the training dtype). The other arguments are
+    `SCAIL2Module`'s; ``init_from`` should be the pretrained model the adapters post-train."""
 
     def __init__(
         self,
         *args: Any,
         lora: LoRASpec | Mapping[str, Any] = LoRASpec(),
         heldout: HeldOutConfig | Mapping[str, Any] | None = HeldOutConfig(),
+        frozen_dtype: str | None = None,
         **kwargs: Any,
     ):
         kwargs.setdefault("validation", None)  # the base's sampling validation needs motion data
@@ -75,6 +83,9 @@ class DPOModule(SCAIL2Module):
         if heldout is not None and heldout.cache_dir is None and heldout.encoders_root is None:
             raise ValueError("heldout.manifest needs heldout.encoders_root (or give heldout.cache_dir, a preference cache)")
         self.heldout = heldout
+        if frozen_dtype is not None and frozen_dtype not in _FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype={frozen_dtype!r}; use one of {sorted(_FROZEN_DTYPES)} or null")
+        self.frozen_dtype = frozen_dtype
         self._heldout_batches: dict[str, list[PreferenceBatch]] | None = None
         self.heldout_history: list[dict[str, float]] = []
         self._last_heldout_step = -1
@@ -88,9 +99,24 @@ class DPOModule(SCAIL2Module):
         assert self.net is not None
         for p in self.net.parameters():
             p.requires_grad_(False)
+            if self.frozen_dtype is not None and p.is_floating_point():
+                # The frozen backbone in half precision: half the memory of a replicated (DDP) base; the
+                # adapters, added next, stay in float32 for the optimizer.
+                p.data = p.data.to(_FROZEN_DTYPES[self.frozen_dtype])
         add_lora(self.net, self.lora)
+        if self.frozen_dtype is not None:
+            for name, p in self.net.named_parameters():
+                if "lora_" in name:  # peft creates them in the base layer's dtype
+                    p.data = p.data.float()
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else None
+        if self.frozen_dtype is not None and precision is not None and precision not in _MIXED:
+            raise ValueError(
+                f"module.frozen_dtype={self.frozen_dtype} needs mixed precision (trainer.precision bf16-mixed or "
+                f"16-mixed: the adapters and activations meet the half-precision weights under autocast); the "
+                f"trainer runs {precision}. Set trainer.precision=bf16-mixed or module.frozen_dtype=null"
+            )
         if isinstance(self.objective, Mapping):
             self.objective = DPOConfig(**self.objective)
         if not isinstance(self.objective, DPOConfig):
@@ -168,22 +194,32 @@ class DPOModule(SCAIL2Module):
         was_training = self.net.training
         self.net.eval()
         metrics: dict[str, float] = {}
+        # Under the trainer's precision (autocast for mixed precision), as the training step runs.
+        precision = self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext()
         try:
-            for name, batches in sets.items():
-                acc, loss, margin, n = 0.0, 0.0, 0.0, 0
-                for i, batch in enumerate(batches):
-                    batch = batch.to(self.device)
-                    for d in range(self.heldout.draws):
-                        g = torch.Generator().manual_seed(self.heldout.seed + 100_003 * d + i)
-                        out = dpo_loss(self.net, batch, g, self.objective)
-                        b = batch.batch_size
-                        acc += float(out.implicit_accuracy) * b
-                        loss += float(out.dpo_loss) * b
-                        margin += float(out.reward_margin) * b
-                        n += b
-                metrics.update({f"{name}/implicit_accuracy": acc / n, f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n})
+            with precision:
+                self._measure(sets, metrics)
         finally:
             self.net.train(was_training)
+        return self._record(metrics)
+
+    def _measure(self, sets: dict[str, list[PreferenceBatch]], metrics: dict[str, float]) -> None:
+        assert self.net is not None and self.heldout is not None
+        for name, batches in sets.items():
+            acc, loss, margin, n = 0.0, 0.0, 0.0, 0
+            for i, batch in enumerate(batches):
+                batch = batch.to(self.device)
+                for d in range(self.heldout.draws):
+                    g = torch.Generator().manual_seed(self.heldout.seed + 100_003 * d + i)
+                    out = dpo_loss(self.net, batch, g, self.objective)
+                    b = batch.batch_size
+                    acc += float(out.implicit_accuracy) * b
+                    loss += float(out.dpo_loss) * b
+                    margin += float(out.reward_margin) * b
+                    n += b
+            metrics.update({f"{name}/implicit_accuracy": acc / n, f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n})
+
+    def _record(self, metrics: dict[str, float]) -> dict[str, float]:
         self.heldout_history.append({"step": float(self.global_step), **metrics})
         self._last_heldout_step = self.global_step
         if self.global_rank == 0:

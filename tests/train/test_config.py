@@ -190,6 +190,7 @@ def test_dpo_recipe():
     assert cfg.module.lora.target_modules == DEFAULT_TARGETS
     assert cfg.trainer.max_steps == 400 and cfg.objective._target_ == "scail2.objectives.dpo.DPOConfig"
     assert set(cfg.required) == {"data.cache_dir", "module.init_from"}
+    assert cfg.module.frozen_dtype == "bfloat16" and cfg.trainer.precision == "bf16-mixed"
     demo = compose_config(["experiment=dpo_demo"])
     module = OmegaConf.to_container(demo.module, resolve=False)
     assert module["init_from"] == "${latest_export:demo}"  # resolved when the run starts
