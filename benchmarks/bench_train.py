@@ -1,6 +1,8 @@
 """Training-step throughput: one flow-matching step (packing, forward, loss, backward, clipping, AdamW) of
 `SCAIL2Transformer` on random latent batches of the training layout (reference + video + half-resolution
-driving tokens, umT5 text and CLIP tokens), as `scail2.lit.PretrainModule` runs it.
+driving tokens, umT5 text and CLIP tokens), as `scail2.lit.PretrainModule` runs it; and one Bias-Aware DPO step
+(LoRA rank 16 on the frozen network: policy and adapter-free reference on winner and loser, backward into the
+adapters, AdamW) on the tiny and small cases, as `scail2.lit.DPOModule` runs it (``*_dpo``: pairs/s).
 
     python benchmarks/bench_train.py                  # CPU: tiny and small models, samples/s (float32)
     python benchmarks/bench_train.py --device cuda    # + the 1.3B preset at 480p, 81 frames: MFU (bf16 autocast,
@@ -103,6 +105,41 @@ def make_step(case: dict, device: str, checkpointing: bool):
     return step, flops, tokens, net.num_params()
 
 
+def make_dpo_step(case: dict, device: str):
+    """(step function, forward FLOPs of the 4 passes, tokens per step) of one case's DPO step."""
+    from scail2.data.batch import PreferenceBatch
+    from scail2.lora import LoRASpec, add_lora
+    from scail2.objectives.dpo import DPOConfig, dpo_loss
+
+    _, flops, tokens, params = make_step(case, device, False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = scail2_transformer(case["preset"], **case["overrides"])
+    net.requires_grad_(False)
+    add_lora(net, LoRASpec(rank=16))
+    generator = torch.Generator().manual_seed(0)
+    winner = random_batch(net, case, device, generator)
+    b, _, t, h, w = winner.latents.shape
+    hands = (torch.rand(b, 1, t, h, w, generator=generator) > 0.8).float().to(device)
+    from dataclasses import replace
+
+    batch = PreferenceBatch(replace(winner, hand_mask=hands), torch.randn(winner.latents.shape, generator=generator).to(device), hands)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    objective = DPOConfig()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def step() -> None:
+        with autocast:
+            loss = dpo_loss(net, batch, generator, objective).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 0.1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, 4 * flops, tokens, params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -123,11 +160,17 @@ def main() -> None:
         step, flops, tokens, params = make_step(case, args.device, checkpointing)
         steps[name] = step
         meta[name] = dict(case=case, params=params, forward_flops=flops, tokens=tokens)
+    for name, case in CPU_CASES.items():
+        step, flops, tokens, params = make_dpo_step(case, args.device)
+        steps[f"{name}_dpo"] = step
+        meta[f"{name}_dpo"] = dict(case=case, params=params, forward_flops=flops, tokens=tokens, dpo=True)
     timing = interleaved(steps, repeats=args.repeats, warmup=2)
     results = {}
     for name, info in meta.items():
         seconds = timing[name]["median_s"]
-        achieved = 3 * info["forward_flops"] / seconds
+        # Pretraining: forward + backward = 3x the forward. DPO: 4 forwards + the policy's input-gradient
+        # backward (about 2 of them) = 1.5x the 4 forwards (scail2.lit.DPOModule.training_flops_per_batch).
+        achieved = (1.5 if info.get("dpo") else 3.0) * info["forward_flops"] / seconds
         results[name] = {
             **info,
             "timing": timing[name],
@@ -144,6 +187,10 @@ def main() -> None:
             f"{results[name]['samples_per_s']:.2f} samples/s, {results[name]['tokens_per_s']:.0f} tokens/s, "
             f"{achieved / 1e9:.2f} GFLOP/s{mfu}"
         )
+    for name in CPU_CASES:
+        ratio = timing[f"{name}_dpo"]["median_s"] / timing[name]["median_s"]
+        results[f"{name}_dpo"]["step_time_vs_pretraining"] = ratio
+        print(f"{name}: DPO step / pretraining step = {ratio:.2f} (same run, interleaved)")
     path = write_result(
         args.out or f"train_{args.device}.json",
         {"versions": versions("lightning"), "threads": torch.get_num_threads(), "peak_flops": args.peak_flops, "results": results},
