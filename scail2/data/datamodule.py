@@ -34,8 +34,15 @@ class MotionDataLoader(DataLoader):
     """A DataLoader over a `MixBatchSampler` that can save and restore its position mid-epoch.
 
     It also attaches ``null_text`` (umT5 of "") to every batch in the main process and sums the per-batch
-    skip counts (`skip_counts`).
+    skip counts (`skip_counts`). Subclasses for other batch types set ``collate`` and ``motion_part`` (the
+    `MotionBatch` that carries ``meta`` and ``null_text``).
     """
+
+    collate = staticmethod(collate_samples)
+
+    @staticmethod
+    def motion_part(batch: Any) -> MotionBatch:
+        return batch
 
     def __init__(
         self,
@@ -50,7 +57,7 @@ class MotionDataLoader(DataLoader):
         super().__init__(
             dataset,
             batch_sampler=batch_sampler,
-            collate_fn=collate_samples,
+            collate_fn=self.collate,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
@@ -71,9 +78,10 @@ class MotionDataLoader(DataLoader):
         self._consumed = sampler.resume_position  # batches of this epoch the sampler will skip
         for batch in super().__iter__():
             self._consumed += 1
-            merge_skip_counts(self._skips, batch.meta.get("skips", {}))
+            motion = self.motion_part(batch)
+            merge_skip_counts(self._skips, motion.meta.get("skips", {}))
             if self.null_text is not None:
-                batch.null_text = self.null_text
+                motion.null_text = self.null_text
             yield batch
         self._epoch, self._consumed = self._epoch + 1, 0
 
@@ -110,7 +118,66 @@ def build_sampler(
     return MixBatchSampler(groups, dataset.item_buckets, weights, batch_size, num_batches, seed, rank, world_size)
 
 
-class MotionDataModule(L.LightningDataModule):
+class SampledDataModule(L.LightningDataModule):
+    """What the motion and preference data modules share: the dataset built once (`build_dataset`), a loader of
+    ``loader_class`` over a per-rank `MixBatchSampler`, its position saved and restored with checkpoints, and
+    the skip counters. Subclasses set the attributes ``weights``, ``batch_size``, ``samples_per_epoch``,
+    ``seed``, ``num_workers``, ``pin_memory``, ``persistent_workers`` and implement `build_dataset`."""
+
+    loader_class: type[MotionDataLoader] = MotionDataLoader
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataset: PairDatasetBase | None = None
+        self._loader: MotionDataLoader | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def build_dataset(self) -> PairDatasetBase:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = self.build_dataset()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None)
+        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+
+    def train_dataloader(self) -> MotionDataLoader:
+        self.setup("fit")
+        assert self.dataset is not None
+        rank, world_size = self._rank()
+        sampler = build_sampler(self.dataset, self.weights, self.batch_size, self.samples_per_epoch, self.seed, rank, world_size)
+        self._loader = self.loader_class(
+            self.dataset,
+            sampler,
+            num_workers=self.num_workers,
+            null_text=self.dataset.null_text(),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+        if self._pending_state is not None:
+            self._loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return self._loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self._loader.state_dict()} if self._loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "loader" not in state_dict:
+            return
+        if self._loader is not None:
+            self._loader.load_state_dict(state_dict["loader"])
+        else:
+            self._pending_state = dict(state_dict["loader"])
+
+    def skip_counts(self) -> dict[str, dict[str, int]]:
+        """Skips seen by the current training loader (see `MotionDataLoader.skip_counts`)."""
+        return self._loader.skip_counts() if self._loader is not None else {}
+
+
+class MotionDataModule(SampledDataModule):
     """Training data from a latent cache (``cache_dir``, fast) or a manifest of raw videos (``manifest``).
 
     Args:
@@ -174,9 +241,6 @@ class MotionDataModule(L.LightningDataModule):
         self.max_attempts = max_attempts
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.dataset: PairDatasetBase | None = None
-        self._loader: MotionDataLoader | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     def build_dataset(self) -> PairDatasetBase:
         if self.cache_dir is not None:
@@ -191,48 +255,3 @@ class MotionDataModule(L.LightningDataModule):
             backend=self.video_backend,
             max_attempts=self.max_attempts,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = self.build_dataset()
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def train_dataloader(self) -> MotionDataLoader:
-        self.setup("fit")
-        assert self.dataset is not None
-        rank, world_size = self._rank()
-        sampler = build_sampler(
-            self.dataset, self.weights, self.batch_size, self.samples_per_epoch, self.seed, rank, world_size
-        )
-        self._loader = MotionDataLoader(
-            self.dataset,
-            sampler,
-            num_workers=self.num_workers,
-            null_text=self.dataset.null_text(),
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-        if self._pending_state is not None:
-            self._loader.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return self._loader
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self._loader.state_dict()} if self._loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "loader" not in state_dict:
-            return
-        if self._loader is not None:
-            self._loader.load_state_dict(state_dict["loader"])
-        else:
-            self._pending_state = dict(state_dict["loader"])
-
-    def skip_counts(self) -> dict[str, dict[str, int]]:
-        """Skips seen by the current training loader (see `MotionDataLoader.skip_counts`)."""
-        return self._loader.skip_counts() if self._loader is not None else {}

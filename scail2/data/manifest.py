@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -297,26 +297,23 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         yield number, row
 
 
-def iter_manifest(path: str | Path) -> Iterator[tuple[int, MotionRecord | ManifestError]]:
-    """Yield ``(line, record or ManifestError)`` for every record; never raises on a bad record."""
-    path = Path(path)
-    base = path.resolve().parent
-    rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
+def parse_rows(rows: Iterable[tuple[int, Any]], parse: Callable[[Any, Path, int], Any], base: Path) -> Iterator[tuple[int, Any]]:
+    """``(line, record or ManifestError)`` for raw rows (``(line, dict or ManifestError)``) through ``parse``."""
     for number, raw in rows:
         if isinstance(raw, ManifestError):
             yield number, raw
             continue
         try:
-            yield number, parse_record(raw, base, number)
+            yield number, parse(raw, base, number)
         except ManifestError as exc:
             yield number, exc
 
 
-def load_manifest(path: str | Path) -> list[MotionRecord]:
-    """Parse a manifest (``.jsonl``, or ``.parquet`` with pyarrow); raise on the first bad record or duplicate id."""
-    records: list[MotionRecord] = []
+def collect_records(items: Iterable[tuple[int, Any]], path: str | Path, what: str = "manifest") -> list[Any]:
+    """The records of ``(line, record or ManifestError)`` items; raise on the first bad record or duplicate id."""
+    records: list[Any] = []
     seen: dict[str, int] = {}
-    for number, item in iter_manifest(path):
+    for number, item in items:
         if isinstance(item, ManifestError):
             raise item
         if item.id in seen:
@@ -324,8 +321,20 @@ def load_manifest(path: str | Path) -> list[MotionRecord]:
         seen[item.id] = number
         records.append(item)
     if not records:
-        raise ValueError(f"manifest {path} has no records")
+        raise ValueError(f"{what} {path} has no records")
     return records
+
+
+def iter_manifest(path: str | Path) -> Iterator[tuple[int, MotionRecord | ManifestError]]:
+    """Yield ``(line, record or ManifestError)`` for every record; never raises on a bad record."""
+    path = Path(path)
+    rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
+    return parse_rows(rows, parse_record, path.resolve().parent)
+
+
+def load_manifest(path: str | Path) -> list[MotionRecord]:
+    """Parse a manifest (``.jsonl``, or ``.parquet`` with pyarrow); raise on the first bad record or duplicate id."""
+    return collect_records(iter_manifest(path), path)
 
 
 def write_manifest(path: str | Path, records: Iterable[MotionRecord]) -> Path:

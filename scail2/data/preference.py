@@ -23,7 +23,16 @@ from typing import Any
 
 from scail2.data.batch import MODES
 from scail2.data.buckets import assign_bucket
-from scail2.data.manifest import BoxTrack, ManifestError, _iter_jsonl, _parse_regions, _relative, _type_name
+from scail2.data.manifest import (
+    BoxTrack,
+    ManifestError,
+    _iter_jsonl,
+    _parse_regions,
+    _relative,
+    _type_name,
+    collect_records,
+    parse_rows,
+)
 from scail2.data.transforms import TRAIN_FPS, resampled_length
 from scail2.data.validate import RecordReport, ValidateOptions, _check_palette, _check_video, _white_fraction
 from scail2.data.video import VideoDecodeError, read_image
@@ -209,31 +218,12 @@ def iter_preference_manifest(path: str | Path) -> Iterator[tuple[int, Preference
     path = Path(path)
     if path.suffix != ".jsonl":
         raise ValueError(f"preference manifest {path} must be JSONL (a .jsonl file)")
-    base = path.resolve().parent
-    for number, raw in _iter_jsonl(path):
-        if isinstance(raw, ManifestError):
-            yield number, raw
-            continue
-        try:
-            yield number, parse_preference_record(raw, base, number)
-        except ManifestError as exc:
-            yield number, exc
+    return parse_rows(_iter_jsonl(path), parse_preference_record, path.resolve().parent)
 
 
 def load_preference_manifest(path: str | Path) -> list[PreferenceRecord]:
     """Parse a preference manifest; raise on the first bad record or duplicate id."""
-    records: list[PreferenceRecord] = []
-    seen: dict[str, int] = {}
-    for number, item in iter_preference_manifest(path):
-        if isinstance(item, ManifestError):
-            raise item
-        if item.id in seen:
-            raise ManifestError(item.id, "id", f"duplicate id (first on line {seen[item.id]})", number)
-        seen[item.id] = number
-        records.append(item)
-    if not records:
-        raise ValueError(f"preference manifest {path} has no records")
-    return records
+    return collect_records(iter_preference_manifest(path), path, "preference manifest")
 
 
 def write_preference_manifest(path: str | Path, records: Iterable[PreferenceRecord]) -> Path:

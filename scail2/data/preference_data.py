@@ -19,25 +19,23 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from scail2.data.batch import PreferenceBatch
+from scail2.data.batch import MotionBatch, PreferenceBatch
 from scail2.data.buckets import PAPER_BUCKETS_512P, Bucket, assign_bucket
-from scail2.data.datamodule import build_sampler
+from scail2.data.datamodule import MotionDataLoader, SampledDataModule
 from scail2.data.datasets import PairDatasetBase, pixel_rng
-from scail2.data.latents import LatentSample, collate_samples, encode_pixel_sample, merge_skip_counts
+from scail2.data.latents import LatentSample, collate_samples, encode_pixel_sample
 from scail2.data.manifest import BoxTrack
 from scail2.data.preference import PREFERENCE_CLASS, PreferenceRecord, load_preference_manifest
 from scail2.data.sample import PixelSample, SampleError, VideoMeta, _Reads, _same_size, unit_range
-from scail2.data.sampling import MixBatchSampler
 from scail2.data.transforms import (
     clip_indices,
     cover_box,
@@ -554,63 +552,18 @@ class PreferenceCacheDataset(PairDatasetBase):
 # ----------------------------------------------------------------------------------------------------
 
 
-class PreferenceDataLoader(DataLoader):
+class PreferenceDataLoader(MotionDataLoader):
     """A DataLoader of `PreferenceBatch` over a `MixBatchSampler`, resumable mid-epoch like `MotionDataLoader`
     (``state_dict`` = the sampler's position); attaches ``null_text`` to ``batch.winner`` and sums skip counts."""
 
-    def __init__(
-        self,
-        dataset: PairDatasetBase,
-        batch_sampler: MixBatchSampler,
-        num_workers: int = 0,
-        null_text: torch.Tensor | None = None,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-    ):
-        super().__init__(
-            dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=collate_preferences,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers and num_workers > 0,
-        )
-        self.null_text = null_text
-        self._epoch = batch_sampler.epoch
-        self._consumed = 0
-        self._skips: dict[str, dict[str, int]] = {}
+    collate = staticmethod(collate_preferences)
 
-    @property
-    def mix_sampler(self) -> MixBatchSampler:
-        return self.batch_sampler  # type: ignore[return-value]
-
-    def __iter__(self) -> Iterator[PreferenceBatch]:  # type: ignore[override]
-        sampler = self.mix_sampler
-        self._epoch = sampler.epoch
-        self._consumed = sampler.resume_position
-        for batch in super().__iter__():
-            self._consumed += 1
-            merge_skip_counts(self._skips, batch.winner.meta.get("skips", {}))
-            if self.null_text is not None:
-                batch.winner.null_text = self.null_text
-            yield batch
-        self._epoch, self._consumed = self._epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.mix_sampler.state_dict(batches_done=self._consumed) | {"epoch": self._epoch}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.mix_sampler.load_state_dict(state)
-        self._epoch, self._consumed = int(state["epoch"]), int(state["batches_done"])
-
-    def skip_counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        merge_skip_counts(out, self.dataset.excluded_counts())
-        merge_skip_counts(out, self._skips)
-        return out
+    @staticmethod
+    def motion_part(batch: PreferenceBatch) -> MotionBatch:
+        return batch.winner
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(SampledDataModule):
     """DPO training data: `PreferenceBatch` batches from a preference cache (``cache_dir``) or raw videos
     (``manifest`` + ``encoders_root``).
 
@@ -630,6 +583,8 @@ class PreferenceDataModule(L.LightningDataModule):
         video_backend, max_attempts, pin_memory, persistent_workers: as in `MotionDataModule`.
     Train with ``Trainer(use_distributed_sampler=False)``: the sampler already draws per rank.
     """
+
+    loader_class = PreferenceDataLoader
 
     def __init__(
         self,
@@ -669,9 +624,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.max_attempts = max_attempts
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.dataset: PairDatasetBase | None = None
-        self._loader: PreferenceDataLoader | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     def build_dataset(self) -> PairDatasetBase:
         if self.cache_dir is not None:
@@ -685,43 +637,3 @@ class PreferenceDataModule(L.LightningDataModule):
             backend=self.video_backend,
             max_attempts=self.max_attempts,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = self.build_dataset()
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
-
-    def train_dataloader(self) -> PreferenceDataLoader:
-        self.setup("fit")
-        assert self.dataset is not None
-        rank, world_size = self._rank()
-        sampler = build_sampler(self.dataset, self.weights, self.batch_size, self.samples_per_epoch, self.seed, rank, world_size)
-        self._loader = PreferenceDataLoader(
-            self.dataset,
-            sampler,
-            num_workers=self.num_workers,
-            null_text=self.dataset.null_text(),
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-        if self._pending_state is not None:
-            self._loader.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return self._loader
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self._loader.state_dict()} if self._loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "loader" not in state_dict:
-            return
-        if self._loader is not None:
-            self._loader.load_state_dict(state_dict["loader"])
-        else:
-            self._pending_state = dict(state_dict["loader"])
-
-    def skip_counts(self) -> dict[str, dict[str, int]]:
-        return self._loader.skip_counts() if self._loader is not None else {}
