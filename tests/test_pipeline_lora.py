@@ -212,7 +212,7 @@ def test_dtype_and_device_follow_the_transformer(base_pipe, files, tmp_path, pre
     full = fresh(base_pipe).load_lora(files["peft"])
     got, want = generate(pipe, prepared), generate(full, prepared)
     assert torch.isfinite(got).all() and got.shape == want.shape
-    assert (got.float() - want.float()).abs().mean() < 0.02
+    assert (got.float() - want.float()).abs().mean() < 5e-3  # measured 8e-4 (outputs average 0.17)
 
 
 # ------------------------------------------------------------------------------------------------ refusals
