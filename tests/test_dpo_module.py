@@ -3,6 +3,7 @@
 import functools
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,25 @@ def test_frozen_half_backbone_needs_mixed_precision(tmp_path):
         trainer.fit(_frozen_half_module(heldout_cache), datamodule=dm)
     with pytest.raises(ValueError, match="frozen_dtype='int8'"):
         DPOModule(net=tiny_net, objective=DPOConfig(), optimizer=torch.optim.AdamW, frozen_dtype="int8")
+
+
+def _heldout_module(cache, **heldout):
+    return DPOModule(net=tiny_net, objective=DPOConfig(), optimizer=lambda p: torch.optim.AdamW(p),
+                     lora=LoRASpec(rank=2), heldout=HeldOutConfig(cache_dir=str(cache), **heldout))  # fmt: skip
+
+
+def test_heldout_measures_distinct_pairs_chosen_by_the_seed():
+    train_cache, _ = caches()  # 6 pairs
+    ids = lambda batches: [i for b in batches for i in b.winner.meta["ids"]]  # noqa: E731
+    five = ids(_heldout_module(train_cache, num_pairs=5, batch_size=2)._fixed_batches(train_cache, None, None, "held-out"))
+    assert len(five) == 5 and len(set(five)) == 5  # without replacement: no pair counted twice
+    again = ids(_heldout_module(train_cache, num_pairs=5, batch_size=3)._fixed_batches(train_cache, None, None, "held-out"))
+    assert again == five  # the choice depends on the seed, not on the batch size
+    names = PreferenceDataModule(cache_dir=train_cache).build_dataset().item_name
+    for seed in (4321, 7):  # one bucket: the pairs come in the order of the seeded permutation
+        chosen = ids(_heldout_module(train_cache, num_pairs=5, seed=seed)._fixed_batches(train_cache, None, None, "x"))
+        assert chosen == [names(i) for i in np.random.default_rng(seed).permutation(6)[:5]]
+    every = ids(_heldout_module(train_cache, num_pairs=None)._fixed_batches(train_cache, None, None, "held-out"))
+    assert sorted(every) == sorted(names(i) for i in range(6))
+    with pytest.raises(ValueError, match="num_pairs is 7 but the held-out set .* has 6 pairs"):
+        _heldout_module(train_cache, num_pairs=7)._fixed_batches(train_cache, None, None, "held-out")

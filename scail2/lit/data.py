@@ -13,6 +13,7 @@ the same settings give the same data; an interrupted preparation resumes where i
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -209,8 +210,41 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
             else f"{here}.SyntheticReferences",
         }
 
-    def prepare_data(self) -> None:
+    def settings(self) -> dict[str, Any]:
+        """Every setting the generated data depends on (recorded in ``<root>/settings.json``)."""
+        (height, width), = self.synth.sizes
+        return {
+            "videos": self.synth.pairs, "frames": self.synth.frames, "height": height, "width": width,
+            "data_seed": self.synth.seed, "heldout_videos": self.heldout_videos, "pairs": self.pairs,
+            "heldout_pairs": self.heldout_pairs, "build_seed": self.build_seed,
+            "weak_pose_noise": dict(sorted(self.weak_pose_noise.items())), "hand_size": self.hand_size,
+            "encoders_seed": self.encoders_seed,
+        }  # fmt: skip
+
+    def _check_settings(self) -> None:
+        """Refuse a root generated with other settings: its data would silently stand for these."""
+        path = self.root / "settings.json"
+        ours = self.settings()
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            if differ:
+                detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+                raise ValueError(
+                    f"{self.root} holds synthetic preference data generated with other settings ({detail}); "
+                    "give another data.root or delete that folder"
+                )
+            return
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ValueError(
+                f"{self.root} is not empty but has no settings.json, so what it holds cannot be checked against "
+                "these settings; give another data.root or delete that folder"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ours, indent=1) + "\n")
+
+    def prepare_data(self) -> None:
+        self._check_settings()
         videos = self.root / "videos"
         manifest = videos / "manifest.jsonl"
         if not manifest.exists():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scail2.data.batch import PreferenceBatch
@@ -41,7 +42,7 @@ class HeldOutConfig:
     cache_dir: str | None = None
     manifest: str | None = None
     encoders_root: str | None = None
-    num_pairs: int = 16
+    num_pairs: int | None = 16  # distinct pairs measured (a seeded choice); None: every pair of the set
     batch_size: int = 4
     seed: int = 4321
     # Noise / timestep draws per pair: the implicit accuracy of one draw is a coin flip weighted by a small
@@ -54,7 +55,7 @@ class HeldOutConfig:
         if self.every_n_steps is not None and self.every_n_steps < 1:
             raise ValueError(f"heldout.every_n_steps is {self.every_n_steps}; need at least 1 (or null)")
         for name in ("num_pairs", "batch_size", "draws"):
-            if getattr(self, name) < 1:
+            if (name != "num_pairs" or self.num_pairs is not None) and getattr(self, name) < 1:
                 raise ValueError(f"heldout.{name} is {getattr(self, name)}; need at least 1")
 
 
@@ -150,37 +151,58 @@ class DPOModule(SCAIL2Module):
         )
 
     # ------------------------------------------------------------------------------------------------ held-out
-    def _fixed_batches(self, cache_dir: Any, manifest: Any, encoders_root: Any) -> list[PreferenceBatch]:
-        """The first ``heldout.num_pairs`` pairs of a preference set, drawn once with ``heldout.seed``."""
-        from scail2.data.preference_data import PreferenceDataModule
+    def _fixed_batches(self, cache_dir: Any, manifest: Any, encoders_root: Any, what: str) -> list[PreferenceBatch]:
+        """``heldout.num_pairs`` distinct pairs of a preference set (all of them when it is None), chosen once by
+        a permutation seeded with ``heldout.seed``, in batches of one bucket each. A pair that cannot be read is
+        an error here, not replaced by another: the measured set is exactly the named one."""
+        from scail2.data.preference_data import PreferenceDataModule, collate_preferences
+        from scail2.data.sampling import SampleKey
 
         h = self.heldout
         assert h is not None
-        dm = PreferenceDataModule(
-            manifest=manifest,
-            cache_dir=cache_dir,
-            encoders_root=encoders_root,
-            batch_size=h.batch_size,
-            num_workers=0,
-            samples_per_epoch=h.num_pairs,
-            seed=h.seed,
-        )
+        dataset = PreferenceDataModule(
+            manifest=manifest, cache_dir=cache_dir, encoders_root=encoders_root, num_workers=0, seed=h.seed
+        ).build_dataset()
+        available = len(dataset)
+        wanted = available if h.num_pairs is None else h.num_pairs
+        if wanted > available:
+            raise ValueError(
+                f"module.heldout.num_pairs is {h.num_pairs} but the {what} set ({cache_dir or manifest}) has "
+                f"{available} pairs; lower num_pairs (null measures all of them) or build more pairs"
+            )
+        chosen = np.random.default_rng(h.seed).permutation(available)[:wanted]
+        by_bucket: dict[Any, list[int]] = {}
+        for item in chosen.tolist():
+            by_bucket.setdefault(dataset.item_buckets[item], []).append(item)
+        null_text = dataset.null_text()
         batches = []
-        for batch in dm.train_dataloader():
-            batches.append(batch)
-            if sum(b.batch_size for b in batches) >= h.num_pairs:
-                break
+        for items in by_bucket.values():
+            for start in range(0, len(items), h.batch_size):
+                samples = []
+                for item in items[start : start + h.batch_size]:
+                    sample = dataset[SampleKey(item, h.seed)]
+                    if sample.skips:
+                        raise RuntimeError(
+                            f"{what} pair {dataset.item_name(item)} could not be read ({sample.skips}); run "
+                            "`scail2-data validate` on it or remove it from the set"
+                        )
+                    samples.append(sample)
+                batch = collate_preferences(samples)
+                batch.winner.null_text = null_text
+                batches.append(batch)
         return batches
 
     def _evaluation_sets(self) -> dict[str, list[PreferenceBatch]]:
         if self._heldout_batches is None:
             h = self.heldout
             assert h is not None
-            sets = {"heldout": self._fixed_batches(h.cache_dir, h.manifest, h.encoders_root)}
+            sets = {"heldout": self._fixed_batches(h.cache_dir, h.manifest, h.encoders_root, "held-out")}
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if h.training_pairs and dm is not None and hasattr(dm, "cache_dir") and hasattr(dm, "manifest"):
                 # The same measurement on pairs the run trains on: whether the optimisation itself works.
-                sets["trainpairs"] = self._fixed_batches(dm.cache_dir, dm.manifest, getattr(dm, "encoders_root", None))
+                sets["trainpairs"] = self._fixed_batches(
+                    dm.cache_dir, dm.manifest, getattr(dm, "encoders_root", None), "training"
+                )
             self._heldout_batches = sets
         return self._heldout_batches
 

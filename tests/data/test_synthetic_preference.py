@@ -52,3 +52,18 @@ def test_components_follow_the_settings(tmp_path):
 def test_a_split_without_videos_on_one_side_is_refused(tmp_path, videos, fraction):
     with pytest.raises(ValueError, match="heldout_fraction"):
         _module(tmp_path, videos=videos, heldout_fraction=fraction)
+
+
+def test_a_root_made_with_other_settings_is_refused(tmp_path):
+    dm = _module(tmp_path, weak_pose_noise={"hand_drop_p": 0.5})
+    dm._check_settings()  # records the settings in an empty root
+    assert (tmp_path / "settings.json").is_file()
+    dm._check_settings()  # the same settings: accepted
+    with pytest.raises(ValueError, match=r"weak_pose_noise: \{'hand_drop_p': 0.5\} there, \{\} here"):
+        _module(tmp_path)._check_settings()
+    with pytest.raises(ValueError, match="hand_size: None there, 3.0 here"):
+        _module(tmp_path, weak_pose_noise={"hand_drop_p": 0.5}, hand_size=3.0)._check_settings()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "videos").mkdir()
+    with pytest.raises(ValueError, match="has no settings.json"):
+        _module(tmp_path / "other")._check_settings()
