@@ -221,6 +221,27 @@ def test_latent_normalisation_matches_config_and_inverts(encoders: Encoders) -> 
     assert vae.denormalize(normalised.bfloat16()).dtype == torch.float32
 
 
+def test_tiny_vae_latents_carry_the_picture(encoders: Encoders) -> None:
+    # Videos unlike the calibration probes (hard-edged blocks of random colour): their normalised latents have
+    # about unit variance, and most of it differs from video to video (with PyTorch's default init about 90%
+    # of the latent variance is a pattern shared by every input, which flow-matching noise drowns).
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.rand(12, 3, 9, 4, 4, generator=g) * 2 - 1
+    video = blocks.repeat_interleave(16, dim=3).repeat_interleave(16, dim=4)  # (12, 3, 9, 64, 64)
+    z = encoders.vae.encode(video)
+    assert 0.3 < float(z.var()) < 3.0
+    assert float(z.var(dim=0).mean()) > 0.5 * float(z.var())
+    # Two videos that differ in one 8x8 patch differ in latent mostly around it (the mid-block attention
+    # spreads some of it over the grid).
+    other = video[:1].clone()
+    other[0, :, :, 24:32, 40:48] *= -1
+    diff = (encoders.vae.encode(other) - z[:1]).abs().mean(dim=(0, 1, 2))  # (8, 8) latent grid
+    near = diff[2:5, 4:7].mean()
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    far = diff[((rows - 3).abs() >= 3) | ((cols - 5).abs() >= 3)].mean()
+    assert float(near) > 0.3 and float(near) > 3 * float(far)
+
+
 def test_encode_uses_posterior_mode_by_default(encoders: Encoders) -> None:
     vae = encoders.vae
     video = _video(1)

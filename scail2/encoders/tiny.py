@@ -3,8 +3,12 @@
 `save_tiny_encoders(root)` writes ``vae/``, ``text_encoder/``, ``tokenizer/``, ``image_encoder/`` and
 ``image_processor/`` so that `Encoders.from_pretrained(root)` loads them like the real release:
 
-- VAE: a real-architecture `AutoencoderKLWan` (16 latent channels, stride (4, 8, 8), the Wan2.1 latent
-  mean/std and block layout, so original-format key conversion applies too) with a tiny base width.
+- VAE: a real-architecture `AutoencoderKLWan` (16 latent channels, stride (4, 8, 8) and the Wan2.1 block layout,
+  so original-format key conversion applies too) with a tiny base width. Its random weights carry the picture
+  through (zero biases, variance-preserving weights; with PyTorch's default init about 90% of the latent
+  variance is the same for every video), and its latent mean/std are measured on seeded probe videos, so
+  normalised latents have unit variance per channel and differences between videos are not drowned by the
+  flow-matching noise.
 - Text: a 2-layer umT5 encoder of width `text_dim` with a word-level tokenizer built in code (T5's special ids:
   pad 0, EOS 1, unk 2; lower-cased; unknown words -> <unk>; EOS appended), so it works offline on any caption.
 - Image: a 3-layer CLIP vision tower of width `image_dim` on `image_size` px images with `patch_size` patches
@@ -63,6 +67,41 @@ def _build_tokenizer(model_max_length: int):
     )
 
 
+def _content_carrying_(vae: torch.nn.Module) -> None:
+    """Random weights through which the input survives: biases zero (PyTorch's default uniform biases add a
+    video-independent pattern that dominates the latents of a deep random network) and weights drawn with unit
+    gain (``N(0, 1 / fan_in)``), so activations keep their scale from layer to layer. Uses the global RNG."""
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.dim() >= 2:
+                torch.nn.init.kaiming_normal_(param, nonlinearity="linear")
+
+
+def _probe_videos(count: int = 4, frames: int = 5, size: int = 64) -> torch.Tensor:
+    """(count, 3, frames, size, size) smooth random videos in [-1, 1]: coarse noise fields upsampled, drifting
+    from frame to frame. Uses the global RNG."""
+    import torch.nn.functional as F
+
+    coarse = torch.rand(count, 3, 2, 4, 4) * 2 - 1  # start and end fields
+    steps = torch.linspace(0, 1, frames).view(1, 1, frames, 1, 1)
+    field = coarse[:, :, :1] * (1 - steps) + coarse[:, :, 1:] * steps  # (count, 3, frames, 4, 4)
+    video = F.interpolate(field.flatten(1, 2), size=(size, size), mode="bilinear", align_corners=False)
+    detail = F.interpolate(torch.rand(count, 3 * frames, 16, 16) * 2 - 1, size=(size, size), mode="bilinear", align_corners=False)
+    return (0.7 * video + 0.3 * detail).clamp(-1, 1).view(count, 3, frames, size, size)
+
+
+def _calibrate_latents_(vae) -> None:
+    """Set the VAE config's per-channel ``latents_mean`` / ``latents_std`` to those of its posterior means on
+    `_probe_videos` (the real VAE ships statistics measured on real videos)."""
+    with torch.no_grad():
+        z = vae.eval().encode(_probe_videos()).latent_dist.mode()  # (N, 16, T, h, w)
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
+    vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+
+
 def save_tiny_encoders(
     root: str | Path,
     seed: int = 0,
@@ -96,7 +135,9 @@ def save_tiny_encoders(
     tokenizer = _build_tokenizer(model_max_length=512)
     with torch.random.fork_rng(devices=[]):  # seed locally; callers' RNG streams are unaffected
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16)  # real strides, block layout and latent stats
+        vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16)  # real strides and block layout
+        _content_carrying_(vae)
+        _calibrate_latents_(vae)
         text = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tokenizer),
