@@ -60,6 +60,7 @@ def test_tiny_bundle_round_trip(tiny_root: Path, encoders: Encoders) -> None:
         "image_encoder",
         "image_processor",
         "text_encoder",
+        "tiny_encoders.json",
         "tokenizer",
         "vae",
     ]
@@ -477,3 +478,19 @@ def test_processor_config_parsing(tiny_root: Path) -> None:
             ImageEncoder.from_pretrained(tiny_root / "image_encoder", tiny_root / "image_processor").model,
             ClipPreprocess.from_config({**config, "crop_size": 224}),
         )
+
+
+def test_ensure_tiny_encoders_refuses_other_versions(tmp_path: Path) -> None:
+    from scail2.encoders.tiny import TINY_ENCODERS_VERSION, ensure_tiny_encoders
+
+    root = ensure_tiny_encoders(tmp_path / "data" / "encoders", seed=3)
+    stamp = json.loads((root / "tiny_encoders.json").read_text())
+    assert stamp["version"] == TINY_ENCODERS_VERSION and stamp["seed"] == 3
+    weights = (root / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_encoders(root, seed=3) == root  # present and current: left as it is
+    assert (root / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
+    with pytest.raises(ValueError, match="version 2, seed 3; this version writes version 2, seed 4"):
+        ensure_tiny_encoders(root, seed=4)
+    (root / "tiny_encoders.json").unlink()  # as written before the version record existed
+    with pytest.raises(ValueError, match=r"no tiny_encoders.json.*delete .*data"):
+        ensure_tiny_encoders(root, seed=3)

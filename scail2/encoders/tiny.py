@@ -39,6 +39,11 @@ _WORDS = (
     "music performs performing gesture pose poses motion steps step holding holds looks looking"
 ).split()
 _PUNCTUATION = tuple(".,!?;:'\"-()")
+
+# Version of what `save_tiny_encoders` writes, recorded in <root>/tiny_encoders.json. 2: the VAE's weights carry
+# the picture and its latent statistics are measured (version 1 latents were nearly the same for every video).
+TINY_ENCODERS_VERSION = 2
+_STAMP = "tiny_encoders.json"
 _SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5/umT5
 
 
@@ -185,4 +190,25 @@ def save_tiny_encoders(
     }
     (root / "image_processor").mkdir(parents=True, exist_ok=True)
     (root / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    stamp = {"version": TINY_ENCODERS_VERSION, "seed": seed, "text_dim": text_dim, "image_dim": image_dim,
+             "image_size": image_size, "patch_size": patch_size, "vae_base_dim": vae_base_dim}  # fmt: skip
+    (root / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    return root
+
+
+def ensure_tiny_encoders(root: str | Path, seed: int = 0) -> Path:
+    """Write tiny encoders (default dims) to `root` unless it already holds them; refuse a folder written by
+    another version or with another seed, since latents cached next to it would not match these encoders."""
+    root = Path(root)
+    if not (root / "vae" / "config.json").exists():
+        return save_tiny_encoders(root, seed=seed)
+    stamp = root / _STAMP
+    recorded = json.loads(stamp.read_text()) if stamp.exists() else None
+    if not recorded or recorded.get("version") != TINY_ENCODERS_VERSION or recorded.get("seed") != seed:
+        found = f"version {recorded.get('version')}, seed {recorded.get('seed')}" if recorded else f"no {_STAMP}"
+        raise ValueError(
+            f"{root} holds tiny encoders of another kind ({found}; this version writes version "
+            f"{TINY_ENCODERS_VERSION}, seed {seed}), and data encoded with them would not match; delete "
+            f"{root.parent} (it is regenerated on the next run) or point the data root elsewhere"
+        )
     return root

@@ -77,11 +77,9 @@ class SyntheticDataModule(MotionDataModule):
 
             log.info("writing the synthetic dataset (%d pairs) to %s", self.synth.pairs, manifest.parent)
             generate_dataset(manifest.parent, self.synth)
-        if not (self.encoders_dir / "vae" / "config.json").exists():
-            from scail2.encoders.tiny import save_tiny_encoders
+        from scail2.encoders.tiny import ensure_tiny_encoders
 
-            log.info("writing tiny random encoders to %s", self.encoders_dir)
-            save_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
+        ensure_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
         if not self._cache_complete(manifest):
             self._build_cache(manifest)
 
@@ -259,11 +257,9 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
             path = videos / f"{name}.jsonl"
             if not path.exists() or path.read_text() != "".join(part):
                 path.write_text("".join(part))
-        if not (self.encoders_dir / "vae" / "config.json").exists():
-            from scail2.encoders.tiny import save_tiny_encoders
+        from scail2.encoders.tiny import ensure_tiny_encoders
 
-            log.info("writing tiny random encoders to %s", self.encoders_dir)
-            save_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
+        ensure_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
         for name, pairs, seed in (("train", self.pairs, self.build_seed), ("heldout", self.heldout_pairs, self.build_seed + 1)):
             self._build(name, pairs, seed)
 

@@ -42,9 +42,9 @@ def test_fast_dev_run(data_root, tmp_path):
 
 
 def test_overfit_one_batch_drives_the_loss_down(data_root, tmp_path):
-    steps = 150
+    steps = 500
     cfg = compose_run(
-        data_root, tmp_path, *QUIET, f"trainer.max_steps={steps}", "optim.optimizer.lr=3e-3",
+        data_root, tmp_path, *QUIET, f"trainer.max_steps={steps}", "optim.optimizer.lr=1e-2",
         "optim.scheduler.warmup_steps=10", "objective.text_dropout=0.0",
     )
     losses = LossRecorder()
