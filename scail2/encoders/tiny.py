@@ -20,9 +20,12 @@ Weights are random but deterministic for a given seed; building and saving takes
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Caption vocabulary of the tiny tokenizer: common words of motion/appearance captions plus punctuation.
 _WORDS = (
@@ -39,12 +42,12 @@ _WORDS = (
     "music performs performing gesture pose poses motion steps step holding holds looks looking"
 ).split()
 _PUNCTUATION = tuple(".,!?;:'\"-()")
+_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5/umT5
 
 # Version of what `save_tiny_encoders` writes, recorded in <root>/tiny_encoders.json. 2: the VAE's weights carry
 # the picture and its latent statistics are measured (version 1 latents were nearly the same for every video).
 TINY_ENCODERS_VERSION = 2
 _STAMP = "tiny_encoders.json"
-_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5/umT5
 
 
 def _build_tokenizer(model_max_length: int):
@@ -201,6 +204,7 @@ def ensure_tiny_encoders(root: str | Path, seed: int = 0) -> Path:
     another version or with another seed, since latents cached next to it would not match these encoders."""
     root = Path(root)
     if not (root / "vae" / "config.json").exists():
+        log.info("writing tiny random encoders to %s", root)
         return save_tiny_encoders(root, seed=seed)
     stamp = root / _STAMP
     recorded = json.loads(stamp.read_text()) if stamp.exists() else None
