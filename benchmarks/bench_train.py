@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,9 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
 from common import interleaved, versions, write_result  # noqa: E402
 
-from scail2.data.batch import MotionBatch  # noqa: E402
+from scail2.data.batch import MotionBatch, PreferenceBatch  # noqa: E402
 from scail2.lit.networks import scail2_transformer  # noqa: E402
+from scail2.lora import LoRASpec, add_lora  # noqa: E402
 from scail2.models.parallel import apply_activation_checkpointing  # noqa: E402
+from scail2.objectives.dpo import DPOConfig, dpo_loss  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
 
 # name: model (preset + geometry overrides), batch, clip (frames x height x width pixels), text/CLIP tokens.
@@ -73,26 +76,8 @@ def random_batch(net, case: dict, device: str, generator: torch.Generator) -> Mo
     )
 
 
-def make_step(case: dict, device: str, checkpointing: bool):
-    """(step function, forward FLOPs, tokens per step) of one case."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = scail2_transformer(case["preset"], **case["overrides"])
-    apply_activation_checkpointing(net, checkpointing)
-    generator = torch.Generator().manual_seed(0)
-    batch = random_batch(net, case, device, generator)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4)
-    objective = FlowMatchingConfig()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-
-    def step() -> None:
-        with autocast:
-            loss = flow_matching_loss(net, batch, generator, objective).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+def step_cost(net, batch: MotionBatch, case: dict) -> tuple[float, int]:
+    """(forward FLOPs, tokens) of one pass of ``net`` over ``batch``'s layout (reference + video + half-size driving)."""
     b, _, t, h, w = batch.latents.shape
     shapes = SimpleNamespace(
         reference=torch.empty(b, 20, 1, h, w, device="meta"),
@@ -101,42 +86,56 @@ def make_step(case: dict, device: str, checkpointing: bool):
     )
     flops = net.flops_for_inputs(shapes, text_len=case["text_len"], image_len=case["image_len"])
     per_frame = (h // 2) * (w // 2)
-    tokens = b * ((1 + t) * per_frame + t * per_frame // 4)
-    return step, flops, tokens, net.num_params()
+    return flops, b * ((1 + t) * per_frame + t * per_frame // 4)
 
 
-def make_dpo_step(case: dict, device: str):
-    """(step function, forward FLOPs of the 4 passes, tokens per step) of one case's DPO step."""
-    from scail2.data.batch import PreferenceBatch
-    from scail2.lora import LoRASpec, add_lora
-    from scail2.objectives.dpo import DPOConfig, dpo_loss
+def optimizer_step(loss_fn, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str):
+    """A step function: ``loss_fn()`` under bf16 autocast on CUDA, backward, clipping at 0.1, AdamW."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
-    _, flops, tokens, params = make_step(case, device, False)
+    def step() -> None:
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_step(case: dict, device: str, checkpointing: bool):
+    """(step function, forward FLOPs, tokens per step, parameters) of one case's pretraining step."""
     torch.manual_seed(0)
     with torch.device(device):
         net = scail2_transformer(case["preset"], **case["overrides"])
+    apply_activation_checkpointing(net, checkpointing)
+    generator = torch.Generator().manual_seed(0)
+    batch = random_batch(net, case, device, generator)
+    objective = FlowMatchingConfig()
+    step = optimizer_step(lambda: flow_matching_loss(net, batch, generator, objective).loss, list(net.parameters()), 1e-5, 1e-4, device)
+    return (step, *step_cost(net, batch, case), net.num_params())
+
+
+def make_dpo_step(case: dict, device: str):
+    """(step function, forward FLOPs of the 4 passes, tokens per step, base parameters) of one case's DPO step."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = scail2_transformer(case["preset"], **case["overrides"])
+    params = net.num_params()
     net.requires_grad_(False)
     add_lora(net, LoRASpec(rank=16))
     generator = torch.Generator().manual_seed(0)
     winner = random_batch(net, case, device, generator)
     b, _, t, h, w = winner.latents.shape
     hands = (torch.rand(b, 1, t, h, w, generator=generator) > 0.8).float().to(device)
-    from dataclasses import replace
-
-    batch = PreferenceBatch(replace(winner, hand_mask=hands), torch.randn(winner.latents.shape, generator=generator).to(device), hands)
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    loser = torch.randn(winner.latents.shape, generator=generator).to(device)
+    batch = PreferenceBatch(replace(winner, hand_mask=hands), loser, hands)
     objective = DPOConfig()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-
-    def step() -> None:
-        with autocast:
-            loss = dpo_loss(net, batch, generator, objective).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 0.1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    step = optimizer_step(lambda: dpo_loss(net, batch, generator, objective).loss, trainable, 1e-4, 0.0, device)
+    flops, tokens = step_cost(net, winner, case)
     return step, 4 * flops, tokens, params
 
 

@@ -40,14 +40,19 @@ class TrainResult:
     export_dir: Path | None
     tracking_uri: str | None
     run_id: str | None
-    pipeline: bool  # pipeline_dir is a complete pipeline folder (export.encoders)
+    pipeline: bool  # network_dir is a complete pipeline folder (export.encoders)
     resumed_from: Path | None
     seconds: float
     global_step: int
     validation: list[Any] = field(default_factory=list)  # scail2.lit.validation.ValidationResult
     heldout: list[dict[str, float]] = field(default_factory=list)  # DPO: held-out pair metrics ("step" + values)
-    pipeline_dir: Path | None = None  # the export folder scail2-animate --model loads (export_dir or its merged/)
+    network_dir: Path | None = None  # the exported network: export_dir, or its merged/ for a LoRA export
     lora_dir: Path | None = None  # DPO: the adapters (peft layout)
+
+    @property
+    def pipeline_dir(self) -> Path | None:
+        """The folder scail2-animate --model loads, when the export is a pipeline folder."""
+        return self.network_dir if self.pipeline else None
 
 
 def _absolute_paths(cfg: DictConfig) -> None:
@@ -209,8 +214,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any 
         global_step=trainer.global_step,
         validation=list(module.validation_history),
         heldout=list(getattr(module, "heldout_history", [])),
-        pipeline_dir=export.pipeline_dir if export is not None else None,
-        lora_dir=lora if export is not None and export.written is not None and (lora := export.written / "lora").is_dir() else None,
+        network_dir=export.network_dir if export is not None else None,
+        lora_dir=export.lora_dir if export is not None else None,
     )
 
 
@@ -246,7 +251,7 @@ def summary(result: TrainResult) -> str:
     if result.checkpoint_dir is not None:
         lines.append(f"  checkpoints     {result.checkpoint_dir}" + (f"  (last: {result.last_checkpoint.name})" if result.last_checkpoint else ""))
     if result.export_dir is not None:
-        network = result.pipeline_dir or (result.export_dir / "merged" if result.lora_dir else result.export_dir)
+        network = result.network_dir or result.export_dir
         lines.append(f"  exported model  {result.export_dir}")
         if result.lora_dir is not None:
             lines.append(f"      adapters:   {result.lora_dir}  (peft layout; lora_comfyui.safetensors next to it)")

@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 SYNTHETIC_WEIGHTS: dict[str, float] = {"animation": 0.6, "replacement": 0.2, "pose": 0.2}
 
 
+def _videos_and_encoders(root: Path, synth: Any, encoders_seed: int) -> Path:
+    """``<root>/videos``: the synthetic videos of ``synth`` (`SynthOptions`), and ``<root>/encoders``: the tiny
+    encoders of ``encoders_seed``, each written when absent. Returns the videos' manifest."""
+    from scail2.encoders.tiny import ensure_tiny_encoders
+
+    manifest = root / "videos" / "manifest.jsonl"
+    if not manifest.exists():
+        from scail2.data.synth import generate_dataset
+
+        log.info("writing %d synthetic videos to %s", synth.pairs, manifest.parent)
+        generate_dataset(manifest.parent, synth)
+    ensure_tiny_encoders(root / "encoders", seed=encoders_seed)
+    return manifest
+
+
 class SyntheticDataModule(MotionDataModule):
     """Synthetic pairs -> tiny encoders -> latent cache, then batches from the cache.
 
@@ -71,15 +86,7 @@ class SyntheticDataModule(MotionDataModule):
 
     def prepare_data(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        manifest = self.root / "videos" / "manifest.jsonl"
-        if not manifest.exists():
-            from scail2.data.synth import generate_dataset
-
-            log.info("writing the synthetic dataset (%d pairs) to %s", self.synth.pairs, manifest.parent)
-            generate_dataset(manifest.parent, self.synth)
-        from scail2.encoders.tiny import ensure_tiny_encoders
-
-        ensure_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
+        manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed)
         if not self._cache_complete(manifest):
             self._build_cache(manifest)
 
@@ -243,13 +250,8 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
 
     def prepare_data(self) -> None:
         self._check_settings()
-        videos = self.root / "videos"
-        manifest = videos / "manifest.jsonl"
-        if not manifest.exists():
-            from scail2.data.synth import generate_dataset
-
-            log.info("writing %d synthetic motion videos to %s", self.synth.pairs, videos)
-            generate_dataset(videos, self.synth)
+        manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed)
+        videos = manifest.parent
         lines = [line for line in manifest.read_text().splitlines(keepends=True) if line.strip()]
         split = len(lines) - self.heldout_videos
         # Split manifests next to the full one, so the records' relative paths still resolve.
@@ -257,9 +259,6 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
             path = videos / f"{name}.jsonl"
             if not path.exists() or path.read_text() != "".join(part):
                 path.write_text("".join(part))
-        from scail2.encoders.tiny import ensure_tiny_encoders
-
-        ensure_tiny_encoders(self.encoders_dir, seed=self.encoders_seed)
         for name, pairs, seed in (("train", self.pairs, self.build_seed), ("heldout", self.heldout_pairs, self.build_seed + 1)):
             self._build(name, pairs, seed)
 

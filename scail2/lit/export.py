@@ -26,8 +26,9 @@ class ExportModel(Callback):
     A LoRA export (DPO: ``lora/``, ``lora_comfyui.safetensors``, ``merged/``) gets the index in ``merged/``.
 
     Runs on every rank (a sharded network is gathered first); global rank 0 writes. ``dtype``: "bfloat16",
-    "float16", "float32" or None (the training dtype). The path written is ``written`` (None elsewhere);
-    ``pipeline`` is True when the pipeline index was written, in ``pipeline_dir``.
+    "float16", "float32" or None (the training dtype). After the export (rank 0; None elsewhere): ``written``,
+    the folder written; ``network_dir``, the network in it (``written`` itself, or ``merged/``); ``lora_dir``,
+    the adapters (``lora/``) of a LoRA export; ``pipeline``, True when ``network_dir`` got the pipeline index.
     """
 
     def __init__(self, folder: str | Path, dtype: str | None = None, encoders: str | Path | None = None):
@@ -37,21 +38,20 @@ class ExportModel(Callback):
         self.dtype = _DTYPES[dtype] if dtype is not None else None
         self.encoders = Path(encoders) if encoders is not None else None
         self.written: Path | None = None
+        self.network_dir: Path | None = None
+        self.lora_dir: Path | None = None
         self.pipeline = False
-        self.pipeline_dir: Path | None = None  # the folder scail2-animate --model takes, when pipeline
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.written = pl_module.export(self.folder, self.dtype)
         if self.written is None:
             return
         log.info("exported the trained network to %s", self.written)
-        if self.encoders is not None:
-            # The network folder: the export itself, or the merged network of a LoRA export (DPO).
-            for network in (self.written, self.written / "merged"):
-                if (network / "config.json").is_file():
-                    self.pipeline = write_pipeline_index(network, self.encoders)
-                    self.pipeline_dir = network if self.pipeline else None
-                    break
+        lora = self.written / "lora"
+        self.lora_dir = lora if lora.is_dir() else None
+        self.network_dir = self.written / "merged" if self.lora_dir is not None else self.written
+        if self.encoders is not None and (self.network_dir / "config.json").is_file():
+            self.pipeline = write_pipeline_index(self.network_dir, self.encoders)
         from scail2.lit.tracking import set_tag
 
         for logger in trainer.loggers:
