@@ -89,14 +89,13 @@ def write_study_pair(
 
     folder = root / pair
     folder.mkdir(parents=True, exist_ok=True)
-    height, width = a.shape[1:3]
     driving, _ = read_frames(case.driving, max_frames=len(a))
     n = min(len(a), len(driving))
-    # The driving video keeps its aspect at the results' height (even sizes for H.264).
-    d_height = height + height % 2
-    d_width = max(2, round(driving.shape[2] * d_height / driving.shape[1] / 2) * 2)
-    driving = align_to(driving[:n], d_height, d_width)
     a, b = _even(a[:n]), _even(b[:n])
+    # The driving video keeps its aspect at the results' height (even sizes for H.264).
+    height = a.shape[1]
+    width = max(2, round(driving.shape[2] * height / driving.shape[1] / 2) * 2)
+    driving = align_to(driving[:n], height, width)
     write_image(folder / "reference.png", load_image_source(case.reference))
     # faststart: the index first, so the browser starts playing (and seeking) before the whole file arrived.
     write_video(folder / "driving.mp4", driving, fps, faststart=True)

@@ -17,7 +17,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 from scail2.bench.study import KIND_LABELS, MetricStats, StudyError, StudyReport, metric_key
 
@@ -55,11 +54,11 @@ def study_chart(report: StudyReport, path: Path) -> Path:
         for i, m in enumerate(metrics):
             stats = report.by_kind[kind][m]
             r, (g_lo, g_hi), (b_lo, b_hi) = stats.counts.rates(), stats.intervals["G"], stats.intervals["B"]
-            if stats.counts.rated:
-                ax.errorbar(r["G"], i, xerr=[[r["G"] - g_lo], [g_hi - r["G"]]], fmt="none", ecolor="#1d3d24",
-                            elinewidth=0.9, capsize=2.5)  # fmt: skip
-                ax.errorbar(1 - r["B"], i, xerr=[[b_hi - r["B"]], [r["B"] - b_lo]], fmt="none", ecolor="#4d1417",
-                            elinewidth=0.9, capsize=2.5)  # fmt: skip
+            if stats.counts.rated:  # whiskers above (G) and below (B) the bar's middle, clear of the labels
+                ax.errorbar(r["G"], i - 0.2, xerr=[[r["G"] - g_lo], [g_hi - r["G"]]], fmt="none",
+                            ecolor="#1d3d24", elinewidth=0.9, capsize=2.5)  # fmt: skip
+                ax.errorbar(1 - r["B"], i + 0.2, xerr=[[b_hi - r["B"]], [r["B"] - b_lo]], fmt="none",
+                            ecolor="#4d1417", elinewidth=0.9, capsize=2.5)  # fmt: skip
         names = [f"{m}  (n={report.by_kind[kind][m].counts.rated})" for m in metrics]
         ax.set_yticks(range(len(metrics)))
         ax.set_yticklabels(names, fontsize=8)

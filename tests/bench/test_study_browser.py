@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from scail2.bench.study import analyse_study
-from scail2.bench.study_report import write_study_report
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("SCAIL2_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -293,9 +292,6 @@ def test_rater_completes_a_study_with_clicks_and_keys_and_resumes(browser, runni
     for stats in report.columns.values():
         counts.update({"G": stats.counts.good, "S": stats.counts.same, "B": stats.counts.bad})
     assert counts == totals
-    files = write_study_report(report, running.study.folder / "report")
-    html = files["html"].read_text()
-    assert f"{len(intended)} vote(s) counted ({clicks} answer(s) given" in html
     page.close()
 
 

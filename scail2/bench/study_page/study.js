@@ -272,6 +272,8 @@
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || !kase()) return;
     const k = e.key;
+    // Enter on a focused control does what the control does (Space stays play/pause everywhere).
+    if (k === "Enter" && e.target.closest && e.target.closest("button, summary, a, input")) return;
     let handled = true;
     switch (k) {
       case " ":
