@@ -555,7 +555,9 @@ def analyse_study(folder: str | Path, confidence: float = 0.95) -> StudyReport:
         raise StudyError(f"confidence is {confidence}; use a level between 0 and 1 (e.g. 0.95)")
     study = load_study(folder)
     if not study.database.is_file():
-        raise StudyError(f"{study.database} does not exist: no rater has answered yet (start `scail2-bench study serve`)")
+        raise StudyError(
+            f"{study.database} does not exist: no rater has answered yet (start `scail2-bench study serve`)"
+        )
     key = load_key(study.folder / "key.json")
     with open_store(study) as store:
         votes, given = collect_votes(study, key, store)
