@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scail2-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup browser test test-fast demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m scail2.utils.envcheck
 	touch $(STAMP)
+
+# Headless Chromium for the browser tests (tests/bench/test_study_browser.py), driven by Playwright (the [dev]
+# extra) through Debian's package: Playwright's own browser download cannot work offline. Installed when missing
+# and run as root; elsewhere the browser tests are skipped and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+			|| echo "note: installing chromium failed: the browser tests will be skipped"; \
+	else \
+		echo "note: chromium is missing and cannot be installed here (needs root and apt-get): browser tests skip"; \
+	fi
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -31,4 +44,4 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_backbone.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache test-artifacts

@@ -21,6 +21,7 @@ from scail2.bench.config import MetricsConfig, compose_bench_config, to_settings
 from scail2.bench.gsb import GSB_COLUMNS, NOT_APPLICABLE, GSBSheetError, aggregate_gsb, export_gsb
 from scail2.bench.loaders import load_studio, load_synthetic, load_xdance, select_cases
 from scail2.bench.scoring import MetricUnavailable, Scorer
+from scail2.bench.study import load_study
 from scail2.cli.bench import main
 from scail2.data.video import read_video, write_video
 from scail2.eval.judge import JudgeConfig
@@ -377,7 +378,8 @@ def test_gsb_export_and_aggregate_round_trip(tmp_path):
     for case in cases:
         pairs.append((case, write_video(ours / f"{case.id}.mp4", _solid((230, 30, 30)), 8)))
         write_video(base / f"{case.id}.mp4", _solid((30, 30, 230), frames=7, h=48, w=40), 8)  # other size: aligned
-    export = export_gsb(pairs, base, tmp_path / "gsb", ours_name="ours", baseline_name="wan", seed=3, gap=8)
+    export = export_gsb(pairs, base, tmp_path / "gsb", ours_name="ours", baseline_name="wan", seed=3, gap=8,
+                        study=False)  # the sheet study alone (the cases here have no reference files)
     key = json.loads(export.key.read_text())
     assert sorted(p["case_id"] for p in key["pairs"]) == ["multi", "single", "swap"]
     assert not (export.folder / "key.json").exists()  # raters never get the key
@@ -550,6 +552,7 @@ def test_cross_identity_judge_gsb_and_published(synth_root, judge_server, tmp_pa
     assert "4.43 [paper-T3]" in md and "4.00 [ours-imaging_quality]" in md and "published" in md
     assert (tmp_path / "run" / "plot_comparison.png").is_file()
     assert len(results["gsb"]["pairs"]) == 2 and Path(results["gsb"]["sheet"]).is_file()
+    assert [p.pair for p in load_study(Path(results["gsb"]["study"]).parents[1]).pairs] == results["gsb"]["pairs"]
     # The API key never reaches the outputs or the tracking store.
     for name in ("results.json", "config.yaml", "report.html"):
         assert "secret-test-key" not in (tmp_path / "run" / name).read_text()

@@ -7,6 +7,8 @@ Importing this package loads nothing; use the submodules:
 - ``scail2.bench.config``: the structured schema of ``scail2-bench`` and its Hydra composition.
 - ``scail2.bench.scoring``: aligning a generated video with its ground truth, frame metrics, FVD, the judge.
 - ``scail2.bench.gsb``: Good/Same/Bad human studies: blinded side-by-side export and aggregation.
+- ``scail2.bench.study``, ``study_server``, ``study_report``: the same study in the browser: the study folder,
+  per-rater blinding, the answers database, the web server, and the analysis with its chart and report.
 - ``scail2.bench.published``: the paper's published numbers and the protocols behind them.
 - ``scail2.bench.report``: results.json / .csv / .md, plots and the self-contained report.html.
 - ``scail2.bench.runner``: `run_benchmark`, the whole run including MLflow logging.

@@ -3,7 +3,9 @@
 Export (`export_gsb`): for every case with a baseline video, one mp4 with our video and the baseline's side by
 side, the sides drawn at random (seeded); the pairs are numbered in a shuffled order so the case order leaks
 nothing. Raters get ``for_raters/`` (the videos, ``sheet.csv``, ``README.txt``); the key that says which side
-is ours (``key.json``) stays with the experimenter.
+is ours (``key.json``) stays with the experimenter. The same export also writes the browser study
+(``study/``: per pair the reference image, the driving video and the two results as separate videos, for
+``scail2-bench study serve``; see `scail2.bench.study`).
 
 Sheet: one row per pair; the columns are the paper's study metrics (App. C). Motion Accuracy and Identity
 Consistency apply to every pair; Physical Plausibility to single-character animation, Identity Isolation to
@@ -47,7 +49,20 @@ ANSWERS: dict[str, str] = {
 }  # fmt: skip
 KEY_VERSION = 1
 
-RATER_README = """\
+# What each column asks (paper App. C); the raters' README and the browser study show these texts.
+COLUMN_HELP: dict[str, str] = {
+    MOTION_ACCURACY: "how faithfully the motion follows the driving motion, frame by frame.",
+    IDENTITY_CONSISTENCY: "how well the character keeps the reference image's appearance.",
+    PHYSICAL_PLAUSIBILITY: "gravity, support, momentum; no hovering, morphing objects or objects passing through "
+    "the body.",
+    IDENTITY_ISOLATION: "no limbs merging into another character, clothing kept apart.",
+    ENVIRONMENT_INTEGRATION: "the new character fits the scene; background and interactions kept.",
+}
+_COLUMN_SCOPE = {PHYSICAL_PLAUSIBILITY: " (single character)", IDENTITY_ISOLATION: " (several characters)",
+                 ENVIRONMENT_INTEGRATION: " (replacement)"}  # fmt: skip
+
+RATER_README = (
+    """\
 Good/Same/Bad study: {count} pairs.
 
 Each video in pairs/ shows two results of the same task side by side (LEFT and RIGHT). The sides are in random
@@ -58,14 +73,10 @@ order. For each pair, fill one row of sheet.csv: in every column that does not s
     S  if they are about the same.
 
 Columns:
-- Motion Accuracy: how faithfully the motion follows the driving motion, frame by frame.
-- Identity Consistency: how well the character keeps the reference image's appearance.
-- Physical Plausibility (single character): gravity, support, momentum; no hovering, morphing objects or
-  objects passing through the body.
-- Identity Isolation (several characters): no limbs merging into another character, clothing kept apart.
-- Environment Integration (replacement): the new character fits the scene; background and interactions kept.
-Leave the comment column free for remarks. Return the filled sheet.csv.
 """
+    + "".join(f"- {c}{_COLUMN_SCOPE.get(c, '')}: {COLUMN_HELP[c]}\n" for c in GSB_COLUMNS)
+    + "Leave the comment column free for remarks. Return the filled sheet.csv.\n"
+)
 
 
 class GSBSheetError(ValueError):
@@ -103,6 +114,7 @@ class GSBExport:
     key: Path
     pairs: list[GSBPair]
     missing_baseline: list[str] = field(default_factory=list)  # case ids without a baseline video
+    study: Path | None = None  # study/study.json, the browser study's manifest (None with study=False)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int) -> np.ndarray:
@@ -125,10 +137,12 @@ def export_gsb(
     baseline_name: str = "baseline",
     seed: int = 0,
     gap: int = 8,
+    study: bool = True,
 ) -> GSBExport:
     """Write the blinded study for ``pairs`` of (case, our video) against ``baseline_dir/<case id>.<ext>``.
 
     The baseline video is resized to cover our size and centre-cropped, and both are cut to the shorter length.
+    ``study`` also writes the browser study under ``out_dir/study`` (`scail2.bench.study.write_study_pair`).
     """
     from scail2.bench.cases import find_video
     from scail2.bench.scoring import align_to, read_frames
@@ -158,6 +172,7 @@ def export_gsb(
     raters = out / "for_raters"
     (raters / "pairs").mkdir(parents=True, exist_ok=True)
     exported = []
+    entries = []
     width = max(3, len(str(len(available))))
     for index, (case, ours, baseline) in enumerate(available, start=1):
         pair_id = f"P{index:0{width}d}"
@@ -170,6 +185,10 @@ def export_gsb(
         sides = (ours_frames, base_frames) if left == "ours" else (base_frames, ours_frames)
         write_video(raters / "pairs" / f"{pair_id}.mp4", side_by_side(*sides, gap=gap), fps)
         exported.append(GSBPair(pair_id, case.id, case.kind, left, applicable_columns(case)))
+        if study:
+            from scail2.bench.study import write_study_pair
+
+            entries.append(write_study_pair(out / "study", pair_id, case, *sides, fps))
 
     sheet = raters / "sheet.csv"
     with sheet.open("w", newline="", encoding="utf-8") as handle:
@@ -189,7 +208,12 @@ def export_gsb(
         "pairs": [asdict(p) for p in exported],
     }
     key.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    return GSBExport(raters, sheet, key, exported, missing)
+    manifest = None
+    if study:
+        from scail2.bench.study import write_study_manifest
+
+        manifest = write_study_manifest(out / "study", entries)
+    return GSBExport(raters, sheet, key, exported, missing, manifest)
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -294,7 +318,7 @@ def aggregate_gsb(key_path: str | Path, sheets: Sequence[str | Path]) -> GSBSumm
                         f"{sheet} line {line} ({pair_id}), column {column!r}: {row[column]!r} is not an answer; write "
                         "L (left better), R (right better) or S (about the same)"
                     )
-                outcome = _unblind(ANSWERS[cell], pair["left"])
+                outcome = unblind(ANSWERS[cell], pair["left"])
                 for target in (columns[column], counts):
                     setattr(target, outcome, getattr(target, outcome) + 1)
         # Pairs a sheet left out count as unrated in every column that applies to them.
@@ -314,8 +338,9 @@ def aggregate_gsb(key_path: str | Path, sheets: Sequence[str | Path]) -> GSBSumm
     )
 
 
-def _unblind(answer: str, left: str) -> str:
-    """'left' / 'right' / 'same' -> 'good' (ours better) / 'bad' / 'same'."""
+def unblind(answer: str, left: str) -> str:
+    """'left' / 'right' / 'same' with ``left`` (who is on the left: 'ours' or 'baseline') -> 'good' (ours
+    better) / 'same' / 'bad'."""
     if answer == "same":
         return "same"
     winner = left if answer == "left" else ("baseline" if left == "ours" else "ours")

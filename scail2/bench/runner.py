@@ -341,6 +341,7 @@ def _export_gsb(settings: BenchConfig, videos: list[tuple[Case, Path]], out: Pat
         "folder": str(export.folder),
         "sheet": str(export.sheet),
         "key": str(export.key),
+        "study": str(export.study) if export.study is not None else None,
         "pairs": [p.pair for p in export.pairs],
         "missing_baseline": export.missing_baseline,
     }

@@ -1,8 +1,9 @@
-"""``scail2-bench``: run a quality benchmark, or aggregate the sheets of a GSB study.
+"""``scail2-bench``: run a quality benchmark, aggregate the sheets of a GSB study, or run it in the browser.
 
     scail2-bench benchmark=NAME [key=value ...]      # Hydra overrides of conf/bench.yaml
     scail2-bench --cfg benchmark=NAME [...]          # print the composed config and exit
     scail2-bench gsb --key KEY.json --sheets A.csv [B.csv ...] [--out DIR] [--tracking-uri URI]
+    scail2-bench study serve|report STUDY_DIR [...]  # browser study (scail2.cli.study)
 
 Examples::
 
@@ -32,7 +33,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scail2-bench",
         description="Run a quality benchmark (conf/bench.yaml + conf/benchmark/NAME.yaml). Subcommand `gsb` "
-        "aggregates the returned sheets of a GSB study. See docs/benchmarks-quality.md.",
+        "aggregates the returned sheets of a GSB study; `study serve|report` runs it in the browser. See "
+        "docs/benchmarks-quality.md.",
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. benchmark=self_driven generation.steps=40")
     p.add_argument("--cfg", action="store_true", help="print the composed config and exit")
@@ -80,6 +82,8 @@ def _print_summary(run) -> None:
     print(f"results: {run.files['results.json']}, {run.files['results.csv']}, {run.files['results.md']}")
     if results.get("gsb"):
         print(f"GSB study for raters: {results['gsb']['folder']} (key kept at {results['gsb']['key']})")
+        if results["gsb"].get("study"):
+            print(f"  in the browser: scail2-bench study serve {Path(results['gsb']['key']).parent} --rater NAME")
     if run.mlflow_run_id:
         print(f"MLflow run {run.mlflow_run_id} in {results['run']['mlflow_tracking_uri']}")
 
@@ -128,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "gsb":
         return _run_gsb(argv[1:])
+    if argv and argv[0] == "study":
+        from scail2.cli.study import main as study_main
+
+        return study_main(argv[1:])
     args = _bench_parser().parse_args(argv)
 
     from omegaconf import OmegaConf
