@@ -112,13 +112,12 @@ class FakeServer:
 
     # -- answers -------------------------------------------------------------------------------------------
 
-    def _text(self, body: dict) -> str:
-        parts = body["messages"][0]["content"]
-        return next(p["text"] for p in parts if p["type"] == "text")
-
     def _chat(self, body: dict) -> dict:
-        text = self._text(body)
-        images = sum(p["type"] == "image_url" for p in body["messages"][0]["content"])
+        parts = body["messages"][0]["content"] if body["messages"] else ""
+        if isinstance(parts, str):
+            parts = [{"type": "text", "text": parts}]
+        text = next((p["text"] for p in parts if p["type"] == "text"), "")
+        images = sum(p["type"] == "image_url" for p in parts)
         b = self.behaviour
         with self.lock:
             self.requests.append(("chat", {"text": text, "images": images, "model": body["model"]}))
