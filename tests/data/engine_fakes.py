@@ -171,3 +171,22 @@ class FakeServer:
             frame = decode_png(base64.b64decode(text))
             masks.append(png_b64(np.repeat(((frame.max(-1) > 30) * 255).astype(np.uint8)[..., None], 3, -1)))
         return {"masks": [masks]}
+
+
+def synth_videos(pairs: int = 5, frames: int = 9, size: tuple[int, int] = (64, 64)):
+    """(videos folder, manifest) of a cached synth dataset: its target videos named ``<record id>.mp4``."""
+    import shutil
+
+    from scail2.data.manifest import load_manifest
+
+    from .helpers import session_dir, synth_dataset
+
+    manifest = synth_dataset(pairs, frames, (size,))
+    folder = session_dir() / f"videos-{pairs}-{frames}-{size[0]}x{size[1]}"
+    if not folder.exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir()
+        for record in load_manifest(manifest):
+            shutil.copy(record.target, tmp / f"{record.id}.mp4")
+        tmp.rename(folder)
+    return folder, manifest
