@@ -5,6 +5,8 @@
     scail2-data cache MANIFEST OUT_DIR --encoders DIR [--buckets ...] [--dtype bfloat16] [--workers N]
     scail2-data preference SOURCE_MANIFEST OUT_DIR [--components synthetic|FILE] [--pairs N] [--seed S]
     scail2-data preference-cache PREFERENCE_MANIFEST OUT_DIR --encoders DIR [--buckets ...] [--dtype bfloat16]
+    scail2-data prepare VIDEOS_DIR OUT_DIR [--components synthetic|FILE] [--frames 81] [--size HxW] [--workers N] ...
+    scail2-data motionpair PREPARED_DIR OUT_DIR --components FILE [--seed S] [--workers N] ...
 
 ``validate`` prints one line per bad record (``<id>: <field>: <reason>``) and exits 1 when there is any.
 """
@@ -174,6 +176,70 @@ def _preference_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from scail2.data.engine.prepare import PrepareOptions, prepare_videos
+    from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES
+
+    try:
+        options = PrepareOptions(
+            frames=args.frames,
+            min_frames=args.min_frames,
+            clips_per_video=args.clips_per_video,
+            stride=args.stride,
+            size=args.size,
+            max_characters=args.max_characters,
+            seed=args.seed,
+            lossless=args.lossless,
+            pose_aug=not args.no_pose_aug,
+        )
+        report = prepare_videos(
+            args.videos_dir,
+            args.out_dir,
+            args.components,
+            options,
+            workers=args.workers,
+            allowed_prefixes=(*DEFAULT_ALLOWED_PREFIXES, *(args.allow or ())),
+            retry=args.retry or (),
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"scail2-data prepare: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.clips else 1
+
+
+def _motionpair(args: argparse.Namespace) -> int:
+    from scail2.data.engine.motionpair import MotionPairOptions, synthesize_pairs
+    from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES
+
+    try:
+        options = MotionPairOptions(
+            seed=args.seed,
+            replacement_share=args.replacement_share,
+            candidates=args.candidates,
+            max_turns=args.max_turns,
+            forward_fraction=args.forward_fraction,
+            include_pose=not args.no_pose,
+            lossless=args.lossless,
+        )
+        report = synthesize_pairs(
+            args.prepared_dir,
+            args.out_dir,
+            args.components,
+            options,
+            workers=args.workers,
+            allowed_prefixes=(*DEFAULT_ALLOWED_PREFIXES, *(args.allow or ())),
+            retry=args.retry or (),
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"scail2-data motionpair: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.pairs else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scail2-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log skipped records and decoder fallbacks")
@@ -247,6 +313,43 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--device", default="cpu", help="encoder device, e.g. cuda")
     pc.add_argument("--allow-missing-masks", action="store_true", help="condition pairs without masks on all-black masks")
     pc.set_defaults(func=_preference_cache)
+
+    pr = sub.add_parser("prepare", help="clips, masks, keypoints, boxes, captions and pose records from videos (resumable)")
+    pr.add_argument("videos_dir", type=Path, help="folder of videos (searched recursively)")
+    pr.add_argument("out_dir", type=Path)
+    pr.add_argument("--components", default="synthetic", help="preset (synthetic: stand-ins for synth videos) or a YAML/JSON file")
+    pr.add_argument("--frames", type=int, default=81, help="clip length at 16 fps, 4k+1")
+    pr.add_argument("--min-frames", type=int, help="shorter videos give one clip of at least this many frames (4k+1)")
+    pr.add_argument("--clips-per-video", type=int, default=1)
+    pr.add_argument("--stride", type=int, help="frames between clip starts at 16 fps (default: --frames)")
+    pr.add_argument("--size", type=_size, help="HEIGHTxWIDTH to resize-to-cover (multiples of 32); default: native, cropped to multiples of 32")
+    pr.add_argument("--max-characters", type=int, default=6, help="clips with more characters are skipped")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--lossless", action="store_true", help="RGB-lossless clips (default: 4:2:0 H.264 CRF 18)")
+    pr.add_argument("--no-pose-aug", action="store_true", help="no scaled-skeleton swap render")
+    pr.add_argument("--workers", type=int, default=1, help="processes, each with its own components")
+    pr.add_argument("--retry", action="append", help="skip reason to try again (repeatable), e.g. caption_timeout")
+    pr.add_argument("--allow", action="append", help="also allow components under this import prefix, e.g. mylab.")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_prepare)
+
+    mp = sub.add_parser("motionpair", help="MotionPair-style pairs from a prepared folder (resumable)")
+    mp.add_argument("prepared_dir", type=Path, help="a folder written by scail2-data prepare")
+    mp.add_argument("out_dir", type=Path)
+    mp.add_argument("--components", required=True, help="YAML/JSON components file")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--replacement-share", type=float, default=0.25, help="single-character clips sent to replacement")
+    mp.add_argument("--candidates", type=int, default=4, help="character images shown to the selector")
+    mp.add_argument("--max-turns", type=int, default=3, help="generate-and-check rounds of the reference loop")
+    mp.add_argument("--forward-fraction", type=float, default=0.0,
+                    help="pairs packaged forward (the loader already runs 5%% forward by default)")
+    mp.add_argument("--no-pose", action="store_true", help="leave the prepared pose records out of the manifest")
+    mp.add_argument("--lossless", action="store_true", help="RGB-lossless synthetic videos")
+    mp.add_argument("--workers", type=int, default=1, help="processes, each with its own components")
+    mp.add_argument("--retry", action="append", help="skip reason to try again (repeatable), e.g. discarded")
+    mp.add_argument("--allow", action="append", help="also allow components under this import prefix")
+    mp.add_argument("--no-progress", action="store_true")
+    mp.set_defaults(func=_motionpair)
     return parser
 
 

@@ -58,12 +58,14 @@ class KeypointLayout:
 
     hands: keypoint indices of each hand (a hand box is drawn around each group's detected points).
     confusions: (left group, right group) pairs a weak estimator may swap (left/right confusions).
+    faces: keypoint indices of the face (one group per face; a face box is drawn around its detected points).
     """
 
     name: str
     joints: tuple[str, ...]
     hands: tuple[tuple[int, ...], ...]
     confusions: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    faces: tuple[tuple[int, ...], ...] = ()
 
 
 _SYNTH_INDEX = {name: i for i, name in enumerate(JOINTS)}
@@ -79,6 +81,7 @@ SYNTH_LAYOUT = KeypointLayout(
         ((_SYNTH_INDEX["hand_l"],), (_SYNTH_INDEX["hand_r"],)),
         ((_SYNTH_INDEX["foot_l"],), (_SYNTH_INDEX["foot_r"],)),
     ),
+    faces=((_SYNTH_INDEX["head"],),),
 )
 
 _BODY17 = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -96,6 +99,7 @@ COCO_WHOLEBODY = KeypointLayout(
     + tuple(f"left_hand_{i}" for i in range(21)) + tuple(f"right_hand_{i}" for i in range(21)),
     hands=(_LEFT_HAND, _RIGHT_HAND),
     confusions=(((9, *_LEFT_HAND), (10, *_RIGHT_HAND)), ((15, 17, 18, 19), (16, 20, 21, 22))),
+    faces=((0, 1, 2, 3, 4, *range(23, 91)),),  # nose, eyes, ears and the 68 face landmarks
 )  # fmt: skip
 
 
@@ -133,9 +137,17 @@ class PoseTrack:
         """Per frame one (x0, y0, x1, y1) box per detected hand: the bounding box of the hand's detected
         keypoints, grown by ``pad`` of its longer side on each side, at least ``min_size`` pixels wide and high,
         clipped to the frame. Hands with no detected keypoint get no box."""
+        return self.group_boxes(self.layout.hands, pad, min_size)
+
+    def face_boxes(self, pad: float = 0.25, min_size: float = 8.0) -> BoxTrack:
+        """Per frame one box per detected face (the layout's ``faces`` groups), built like `hand_boxes`."""
+        return self.group_boxes(self.layout.faces, pad, min_size)
+
+    def group_boxes(self, groups: Sequence[Sequence[int]], pad: float = 0.25, min_size: float = 8.0) -> BoxTrack:
+        """Per frame one box per person and keypoint group with at least one detected keypoint (see `hand_boxes`)."""
         out: BoxTrack = [[] for _ in range(self.frames)]
         for person in self.keypoints:  # (F, J, 2)
-            for group in self.layout.hands:
+            for group in groups:
                 points = person[:, list(group)]  # (F, G, 2)
                 for f in range(self.frames):
                     pts = points[f][np.isfinite(points[f]).all(axis=-1)]
@@ -151,6 +163,31 @@ class PoseTrack:
         return out
 
 
+@dataclass(frozen=True)
+class ClipOrigin:
+    """Where a clip's frames come from: the source video, its frame size (height, width) and frame rate, the source
+    frame of each clip frame, and the integer window of the source frame (top, left, height, width in source
+    pixels; it may reach outside the frame) resized to the clip's (height, width). Lets a component relate the clip
+    to its source (the synthetic stand-ins recompute their ground truth from it)."""
+
+    path: str
+    source_size: tuple[int, int]
+    fps: float
+    frame_indices: tuple[int, ...]
+    window: tuple[int, int, int, int]
+    size: tuple[int, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "source_size": list(self.source_size), "fps": self.fps,
+                "frame_indices": list(self.frame_indices), "window": list(self.window), "size": list(self.size)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> "ClipOrigin":
+        return cls(str(raw["path"]), tuple(int(v) for v in raw["source_size"]), float(raw["fps"]),
+                   tuple(int(i) for i in raw["frame_indices"]), tuple(int(v) for v in raw["window"]),
+                   tuple(int(v) for v in raw["size"]))  # fmt: skip
+
+
 @dataclass
 class Clip:
     """A video handed to an estimator or segmenter.
@@ -159,7 +196,7 @@ class Clip:
     seeded component can derive its randomness from it. frames: (F, H, W, 3) uint8 RGB.
     masks: (K, F, H, W) bool visible silhouette of each person, when known. hand_boxes: per frame boxes, when
     known. generated_from: the pose sequence a generated clip was rendered from. record: the manifest record a
-    source clip was read from (None for generated clips).
+    source clip was read from (None for generated clips). origin: where a clip cut from a video comes from.
     """
 
     id: str
@@ -169,6 +206,7 @@ class Clip:
     hand_boxes: BoxTrack | None = None
     generated_from: PoseTrack | None = None
     record: MotionRecord | None = None
+    origin: ClipOrigin | None = None
 
 
 @dataclass(frozen=True)

@@ -450,6 +450,14 @@ def target_joints(
     return [(c, _pose(m, c, t, height, width)) for c, m in target_cast(seed, index)]
 
 
+def joints_at(
+    seed: int, index: int, times: Sequence[float], height: int, width: int
+) -> list[tuple[Character, dict[str, np.ndarray]]]:
+    """Like `target_joints`, at given times in seconds (e.g. the source frames of a clip cut from the video)."""
+    t = np.asarray(times, dtype=np.float64)
+    return [(c, _pose(m, c, t, height, width)) for c, m in target_cast(seed, index)]
+
+
 def make_pair(
     out_dir: Path, index: int, height: int, width: int, frames: int, fps: float, seed: int, lossy: bool = False
 ) -> MotionRecord:
