@@ -205,17 +205,26 @@ def test_mode_changes_the_output(cfg):
         assert not torch.allclose(run(model, a, cond), run(model, r, cond), atol=1e-4)
 
 
-def test_zero_mask_embedding_makes_masks_irrelevant(cfg):
-    # A new input path that starts at zero leaves the network unchanged at initialisation.
-    model = randomize_(SCAIL2Transformer(cfg)).eval()
+def test_the_mask_path_starts_at_zero_as_built(cfg):
+    # A new input path that starts at zero leaves the network unchanged at initialisation: the model as built
+    # does not depend on the masks. The head starts at zero too, so it is perturbed to see anything.
+    torch.manual_seed(0)
+    model = SCAIL2Transformer(cfg).eval()
+    assert not model.patch_embedding_mask.weight.any() and not model.patch_embedding_mask.bias.any()
+    assert model.patch_embedding_pose.weight.abs().sum() > 0  # the driving tokens' own embedding is not zero
     with torch.no_grad():
-        model.patch_embedding_mask.weight.zero_()
-        model.patch_embedding_mask.bias.zero_()
+        model.head.head.weight.normal_(0, 0.05)
     inputs, cond = random_scail2_batch(cfg)
     other = type(inputs)(**{**inputs.as_kwargs(), "reference_mask": torch.rand_like(inputs.reference_mask),
                               "driving_mask": torch.rand_like(inputs.driving_mask)})
     with torch.no_grad():
-        assert torch.equal(run(model, inputs, cond), run(model, other, cond))
+        base = run(model, inputs, cond)
+        assert base.abs().sum() > 0
+        assert torch.equal(base, run(model, other, cond))
+    # A trained (non-zero) mask path does condition the output.
+    randomize_(model.patch_embedding_mask)
+    with torch.no_grad():
+        assert not torch.allclose(run(model, inputs, cond), run(model, other, cond), atol=1e-4)
 
 
 def test_driving_and_reference_tokens_condition_the_video(cfg):
