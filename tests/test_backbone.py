@@ -1,7 +1,5 @@
 """Contract tests of the Wan2.1 backbone and the SCAIL-2 transformer on tiny random configs."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -182,3 +182,21 @@ def test_training_and_inference_encode_the_same_conditioning(mode, masks, extra)
         assert ref_white == 0 and drive_white == pytest.approx(background)
     if not masks:
         assert not train.driving_mask.any() and not train.reference_mask[0, 1:7].any()  # no characters
+
+
+def test_encoding_errors_name_the_input():
+    from scail2.conditioning.encode import encode_condition, encode_driving, encode_images
+
+    enc = tiny_encoders()
+    video = torch.zeros(FRAMES, 3, H, W, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"driving mask \(5, 3, 64, 64\) does not match the driving video \(9, 3, 64, 64\)"):
+        encode_driving(enc, video, video[:5], "animation")
+    with pytest.raises(ValueError, match=r"reference masks \(2, 3, 64, 64\) do not match the images \(1, 3, 64, 64\)"):
+        encode_images(enc, video[:1], video[:2], "animation")
+    with pytest.raises(ValueError, match=r"reference image has shape \(64, 64, 3\); need \(3, H, W\)"):
+        encode_condition(enc, reference=video[0].permute(1, 2, 0), driving=video, caption="", mode="animation")
+    with pytest.raises(ValueError, match="unknown mode 'pose'"):
+        encode_condition(enc, reference=video[0], driving=video, caption="", mode="pose")
+    with pytest.raises(ValueError, match="extra_reference_masks given without extra_references"):
+        encode_condition(enc, reference=video[0], driving=video, caption="", mode="animation",
+                         extra_reference_masks=video[:1])  # fmt: skip

@@ -152,6 +152,8 @@ def encode_condition(
     _check(reference, 3, "reference image", "(3, H, W)")
     if reference_mask is not None:
         _check(reference_mask, 3, "reference mask", "(3, H, W)")
+    if extra_reference_masks is not None and extra_references is None:
+        raise ValueError("extra_reference_masks given without extra_references")
     ref_latent, ref_mask = encode_images(
         encoders, reference[None], None if reference_mask is None else reference_mask[None], mode, place=place, device=device
     )
@@ -162,8 +164,6 @@ def encode_condition(
     if extra_references is not None:
         extra, extra_masks = encode_images(encoders, extra_references, extra_reference_masks, mode, place=place, device=device)
         extra, extra_masks = extra[None], extra_masks[None]  # (1, n, 16 | 28, 1, h, w)
-    elif extra_reference_masks is not None:
-        raise ValueError("extra_reference_masks given without extra_references")
     return Condition(
         reference=ref_latent,
         reference_mask=ref_mask,
