@@ -1,12 +1,14 @@
 """Contract tests of the Wan2.1 backbone and the SCAIL-2 transformer on tiny random configs."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from scail2.conditioning.condition import Condition
-from scail2.conditioning.packing import SEGMENT_SHIFT, pack_inputs, history_mask
+from scail2.conditioning.packing import pack_inputs, history_mask
 from scail2.models import SCAIL2Transformer, WanModel, scail2_config, wan_config
 from scail2.models.parallel import apply_activation_checkpointing
 from scail2.testing import random_condition, random_scail2_batch, randomize_, tiny_wan
@@ -79,6 +81,9 @@ def test_plain_wan_call(cfg):
 # against our WanModel in tests/test_weights.py) carry the sequence.
 
 
+SHIFT = 120  # SPEC §4: the position shift of the replacement reference and of the driving segment
+
+
 def _rope(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """(L, 3) positions -> (L, head_dim / 2) complex64 factors: t, h, w get d - 4(d//6), 2(d//6), 2(d//6) dims."""
     dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
@@ -96,7 +101,7 @@ def _grid(t: int, h: int, w: int, t0: int, h0: int, w0: int) -> torch.Tensor:
 
 def _layout_rope(mode: str, n: int, t: int, gh: int, gw: int, head_dim: int) -> torch.Tensor:
     """The SPEC §4 table for one sample: (L, head_dim / 2) complex factors of [refs][video][driving]."""
-    ref_h = SEGMENT_SHIFT if mode == "replacement" else 0
+    ref_h = SHIFT if mode == "replacement" else 0
     t_video = n + 1 if mode == "animation" else n
     refs = [_rope(_grid(1, gh, gw, i, ref_h, 0), head_dim) for i in range(n + 1)]  # extra refs i, then reference n
     video = _rope(_grid(t, gh, gw, t_video, 0, 0), head_dim)
@@ -104,7 +109,7 @@ def _layout_rope(mode: str, n: int, t: int, gh: int, gw: int, head_dim: int) -> 
     # takes the mean of their complex factors (real and imaginary parts pooled 2x2, not renormalised).
     half = _grid(t, gh // 2, gw // 2, t_video, 0, 0)
     window = [
-        _rope(torch.stack([half[:, 0], 2 * half[:, 1] + a, SEGMENT_SHIFT + 2 * half[:, 2] + b], 1), head_dim)
+        _rope(torch.stack([half[:, 0], 2 * half[:, 1] + a, SHIFT + 2 * half[:, 2] + b], 1), head_dim)
         for a in (0, 1)
         for b in (0, 1)
     ]
@@ -176,8 +181,7 @@ def test_matches_an_independent_reference(cfg, extra):
         theirs = independent_forward(model, noisy, keep, cond, timestep)
     assert (ours - theirs).abs().max() <= 1e-5
     # Not a tautology: a layout the model does not use (replacement's reference shift in animation) differs.
-    wrong = Condition(**{**{f: getattr(cond, f) for f in ("reference", "reference_mask", "driving", "driving_mask",
-                        "text", "clip_tokens", "extra_references", "extra_reference_masks")}, "modes": ["replacement"] * 2})
+    wrong = dataclasses.replace(cond, modes=["replacement"] * 2)
     with torch.no_grad():
         assert (independent_forward(model, noisy, keep, wrong, timestep)[0] - ours[0]).abs().max() > 1e-3
 
