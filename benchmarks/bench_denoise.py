@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
 from common import interleaved, versions, write_result  # noqa: E402
 
+from scail2.conditioning.condition import Condition  # noqa: E402
 from scail2.conditioning.packing import history_mask, pack_inputs  # noqa: E402
 from scail2.models import SCAIL2Transformer, WanModel, scail2_config  # noqa: E402
 from scail2.models.convert import config_from_diffusers, diffusers_to_wan  # noqa: E402
@@ -79,18 +80,18 @@ def scail2_inputs(config, h: int, w: int, frames: int, device, dtype, generator:
     def rm(*shape):
         return torch.rand(*shape, generator=generator).to(device, dtype)
 
-    return pack_inputs(
-        rn(1, 16, frames, h, w),
-        history_mask(1, frames, False, device=device, dtype=dtype),
-        rn(1, 16, 1, h, w),
-        rm(1, 28, 1, h, w),
-        rn(1, 16, frames, h // 2, w // 2),
-        rm(1, 28, frames, h // 2, w // 2),
-        ["animation"],
-        config.head_dim,
-        config.patch_size,
-        theta=config.rope_theta,
+    noisy = rn(1, 16, frames, h, w)
+    cond = Condition(
+        reference=rn(1, 16, 1, h, w),
+        reference_mask=rm(1, 28, 1, h, w),
+        driving=rn(1, 16, frames, h // 2, w // 2),
+        driving_mask=rm(1, 28, frames, h // 2, w // 2),
+        text=torch.zeros(1, 1, config.text_dim, device=device, dtype=dtype),  # not packed: context is given apart
+        clip_tokens=torch.zeros(1, 1, config.image_dim or 1, device=device, dtype=dtype),
+        modes=["animation"],
     )
+    history = history_mask(1, frames, False, device=device, dtype=dtype)
+    return pack_inputs(noisy, history, cond, config.head_dim, config.patch_size, theta=config.rope_theta)
 
 
 def run_cpu(args) -> dict:

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folder is not a package
 from common import interleaved, versions, write_result  # noqa: E402
 
-from scail2.data.batch import MotionBatch, PreferenceBatch  # noqa: E402
+from scail2.conditioning import Condition, MotionBatch, PreferenceBatch  # noqa: E402
 from scail2.lit.networks import scail2_transformer  # noqa: E402
 from scail2.lora import LoRASpec, add_lora  # noqa: E402
 from scail2.models.parallel import apply_activation_checkpointing  # noqa: E402
@@ -61,15 +61,19 @@ def random_batch(net, case: dict, device: str, generator: torch.Generator) -> Mo
     def rm(*shape):
         return torch.rand(*shape, generator=generator).to(device)
 
-    return MotionBatch(
-        latents=rn(b, 16, t, h, w),
+    latents = rn(b, 16, t, h, w)
+    cond = Condition(
         reference=rn(b, 16, 1, h, w),
         reference_mask=rm(b, 28, 1, h, w),
         driving=rn(b, 16, t, h // 2, w // 2),
         driving_mask=rm(b, 28, t, h // 2, w // 2),
         text=rn(b, case["text_len"], c.text_dim),
         clip_tokens=rn(b, case["image_len"], c.image_dim),
-        mode=["animation"] * b,
+        modes=["animation"] * b,
+    )
+    return MotionBatch(
+        latents=latents,
+        cond=cond,
         source=["synthetic"] * b,
         history_allowed=torch.ones(b, dtype=torch.bool, device=device),
         null_text=rn(1, case["text_len"], c.text_dim),

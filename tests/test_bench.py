@@ -359,6 +359,20 @@ def test_synthetic_tasks(synth_root):
     assert all(c.ground_truth is None and "__" in c.id for c in cross)
 
 
+def test_a_mask_video_frame_is_redrawn_as_a_reference_mask(synth_root):
+    # Self-driven cases take the target mask's first frame (drawn on the driving background, black in animation
+    # mode) as the reference mask: it reaches the pipeline on the reference background (white).
+    from scail2.bench.runner import _reference_mask_input
+
+    case = next(c for c in load_synthetic(synth_root, "self_driven") if isinstance(c.reference_mask, VideoFrame))
+    frame = read_video(case.reference_mask.video, [0])[0]
+    mask = _reference_mask_input(case.reference_mask, case.mode)
+    background = (frame <= 225).all(axis=-1)
+    assert background.mean() > 0.3 and (mask[background] == 255).all()
+    assert np.array_equal(mask[~background], frame[~background])  # the character colours stay
+    assert _reference_mask_input(Path("m.png"), "animation") == "m.png"  # an image is used as it is
+
+
 # ----------------------------------------------------------------------------------------------- GSB
 
 

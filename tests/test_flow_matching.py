@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from scail2.data.batch import MotionBatch
+from scail2.conditioning import Condition, MotionBatch
 from scail2.models import SCAIL2Transformer, scail2_config
 from scail2.objectives.flow_matching import (
     FlowMatchingConfig,
@@ -20,15 +20,19 @@ from scail2.testing import randomize_
 def make_batch(b=2, t=3, h=8, w=8, seed=0, **kw) -> MotionBatch:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return MotionBatch(
-        latents=r(b, 16, t, h, w),
+    latents = r(b, 16, t, h, w)
+    cond = Condition(
         reference=r(b, 16, 1, h, w),
         reference_mask=torch.rand(b, 28, 1, h, w, generator=g),
         driving=r(b, 16, t, h // 2, w // 2),
         driving_mask=torch.rand(b, 28, t, h // 2, w // 2, generator=g),
         text=r(b, 7, 32),
         clip_tokens=r(b, 5, 32),
-        mode=kw.pop("mode", ["animation", "replacement"][:b] + ["animation"] * max(0, b - 2)),
+        modes=kw.pop("mode", ["animation", "replacement"][:b] + ["animation"] * max(0, b - 2)),
+    )
+    return MotionBatch(
+        latents=latents,
+        cond=cond,
         source=["scail_animation"] * b,
         history_allowed=kw.pop("history_allowed", torch.ones(b, dtype=torch.bool)),
         null_text=r(1, 7, 32),
@@ -118,7 +122,7 @@ def test_text_dropout_uses_the_empty_caption_embedding():
     model = ConstantModel(torch.zeros(2, 16, 3, 8, 8))
     out = flow_matching_loss(model, batch, torch.Generator().manual_seed(0), FlowMatchingConfig(text_dropout=1.0))
     assert out.text_dropped.all()
-    assert torch.equal(model.calls[0]["context"], batch.null_text.expand_as(batch.text))
+    assert torch.equal(model.calls[0]["context"], batch.null_text.expand_as(batch.cond.text))
     batch.null_text = None
     with pytest.raises(ValueError, match="null_text"):
         flow_matching_loss(model, batch, torch.Generator().manual_seed(0), FlowMatchingConfig(text_dropout=1.0))

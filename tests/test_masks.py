@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from scail2.conditioning.masks import (
     BINDING_PALETTE,
     COLOUR_RGB,
+    MASK_BACKGROUNDS,
     MASK_CHANNELS,
+    background_mask,
     character_colours,
     character_masks_to_colour,
     character_order,
@@ -19,9 +21,11 @@ from scail2.conditioning.masks import (
     check_spatial_size,
     colour_to_channels,
     driving_mask_to_latent,
+    mask_background,
     pack_temporal,
     palette_violation_fraction,
     reference_mask_to_latent,
+    video_mask_to_reference,
 )
 
 # Channel indices, written out rather than looked up, so a reordered MASK_CHANNELS fails the tests.
@@ -347,16 +351,53 @@ def test_seventh_character_reuses_blue():
 
 
 def test_background_colour_per_mode_and_reference():
+    # The official backgrounds: white marks the side whose environment is kept.
     masks = boxes([[(0, 2, 0, 2)]], frames=1, h=4, w=4)
-    animation = character_masks_to_colour(masks, "animation")
-    replacement = character_masks_to_colour(masks, "replacement")
-    reference = character_masks_to_colour(masks, "replacement", reference=True)
-    assert pixel_rgb8(animation, 0, 3, 3) == (0, 0, 0)
-    assert pixel_rgb8(replacement, 0, 3, 3) == (255, 255, 255)
-    assert pixel_rgb8(reference, 0, 3, 3) == (0, 0, 0)
-    for video in (animation, replacement, reference):
+    drawn = {
+        ("animation", False): (0, 0, 0),
+        ("animation", True): (255, 255, 255),
+        ("replacement", False): (255, 255, 255),
+        ("replacement", True): (0, 0, 0),
+    }
+    for (mode, reference), rgb in drawn.items():
+        video = character_masks_to_colour(masks, mode, reference=reference)
+        assert pixel_rgb8(video, 0, 3, 3) == rgb, (mode, reference)
         assert pixel_rgb8(video, 0, 0, 0) == COLOUR_RGB["blue"]
         assert set(video.unique().tolist()) <= {-1.0, 1.0}
+        assert COLOUR_RGB[mask_background(mode, reference)] == rgb
+        empty = background_mask(mode, reference, 4, 8, frames=2)
+        assert empty.shape == (2, 3, 4, 8) and pixel_rgb8(empty, 1, 3, 7) == rgb
+        # With no characters the drawing is the background mask.
+        assert torch.equal(character_masks_to_colour(torch.zeros(0, 2, 4, 8, dtype=torch.bool), mode, reference=reference), empty)
+    assert MASK_BACKGROUNDS == {"animation": ("white", "black"), "replacement": ("black", "white")}
+
+
+def test_animation_reference_mask_lights_the_white_channel():
+    # An animation-mode reference mask (character on white) reaches the latent mask as given: the background
+    # is the white channel (channels 0, 7, 14, 21), the character its colour.
+    masks = boxes([[(0, 16, 0, 8)]], frames=1, h=32, w=32)
+    ref = character_masks_to_colour(masks, "animation", reference=True)[0]
+    latent = reference_mask_to_latent(ref)  # (28, 1, 4, 4)
+    for j in range(4):
+        assert latent[7 * j + WHITE].mean().item() == pytest.approx(1 - 16 * 8 / 32**2)
+        assert latent[7 * j + BLUE].mean().item() == pytest.approx(16 * 8 / 32**2)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float"])
+def test_video_mask_to_reference_swaps_the_background_per_mode(dtype):
+    masks = boxes([[(0, 2, 0, 2)], [(2, 4, 2, 4)]], frames=1, h=4, w=4)
+    for mode in ("animation", "replacement"):
+        video = character_masks_to_colour(masks, mode, order=[0, 1])  # the driving side
+        expected = character_masks_to_colour(masks, mode, order=[0, 1], reference=True)
+        if dtype == "uint8":
+            got = video_mask_to_reference(((video + 1) * 127.5).round().to(torch.uint8), mode)
+            assert got.dtype == torch.uint8 and torch.equal(got.float() / 127.5 - 1, expected), mode
+        else:
+            assert torch.equal(video_mask_to_reference(video, mode), expected), mode
+    # Only pixels with every channel on (white) or none (black) count as background; colours stay.
+    cyan = torch.tensor([[200, 250, 250]], dtype=torch.uint8).T.reshape(3, 1, 1)  # G and B on, R off
+    assert torch.equal(video_mask_to_reference(cyan, "replacement"), cyan)
+    assert torch.equal(video_mask_to_reference(cyan, "animation"), cyan)
 
 
 def test_explicit_order_keeps_colours_between_reference_and_driving():
@@ -383,21 +424,23 @@ def test_overlap_highest_index_wins():
     assert pixel_rgb8(video, 0, 0, 4) == COLOUR_RGB["blue"]
 
 
+@pytest.mark.parametrize("reference", [False, True], ids=["driving", "reference"])
 @pytest.mark.parametrize("mode", ["animation", "replacement"])
-def test_round_trip_recovers_per_colour_masks(mode):
+def test_round_trip_recovers_per_colour_masks(mode, reference):
     generator = torch.Generator().manual_seed(1)
     k, frames, h, w = 8, 3, 16, 32
     masks = torch.rand(k, frames, h, w, generator=generator) > 0.8
     masks &= torch.arange(k).view(k, 1, 1, 1) == torch.randint(0, k, (1, frames, h, w), generator=generator)
     assert (masks.sum(0) <= 1).all()  # disjoint characters
     order = torch.randperm(k, generator=generator).tolist()
-    video = character_masks_to_colour(masks, mode, order=order)
+    video = character_masks_to_colour(masks, mode, order=order, reference=reference)
     channels = colour_to_channels(video).bool()  # (F, 7, H, W)
 
     colours = character_colours(order)
+    white_background = (mode == "replacement") != reference  # animation references and replacement drivings
     for c, name in enumerate(MASK_CHANNELS):
         if name == "white":
-            expected = ~masks.any(0) if mode == "replacement" else torch.zeros(frames, h, w, dtype=torch.bool)
+            expected = ~masks.any(0) if white_background else torch.zeros(frames, h, w, dtype=torch.bool)
         else:
             expected = torch.zeros(frames, h, w, dtype=torch.bool)
             for character in range(k):
@@ -407,7 +450,7 @@ def test_round_trip_recovers_per_colour_masks(mode):
 
     # Overlapping masks: each colour channel holds exactly the pixels its characters won.
     overlapping = torch.rand(3, 1, h, w, generator=generator) > 0.5
-    channels = colour_to_channels(character_masks_to_colour(overlapping, mode, order=[0, 1, 2])).bool()
+    channels = colour_to_channels(character_masks_to_colour(overlapping, mode, order=[0, 1, 2], reference=reference)).bool()
     assert torch.equal(channels[0, BLUE], overlapping[0, 0] & ~overlapping[1, 0] & ~overlapping[2, 0])
     assert torch.equal(channels[0, RED], overlapping[1, 0] & ~overlapping[2, 0])
     assert torch.equal(channels[0, GREEN], overlapping[2, 0])

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from scail2.conditioning import Condition
 from scail2.conditioning.masks import COLOUR_RGB, driving_mask_to_latent, reference_mask_to_latent
 from scail2.conditioning.packing import pack_inputs
 from scail2.models import scail2_config
 from scail2.pipeline import (
     PipelineInputError,
-    SamplingConditioning,
     SCAIL2Pipeline,
     make_scheduler,
     output_length,
@@ -69,7 +69,8 @@ def _boxes(frames, h, w, boxes) -> torch.Tensor:
 
 
 def _colour_masks(frames, h, w, background="white"):
-    """A driving mask video (one blue character on ``background``) and a black reference mask with it."""
+    """A driving mask video (one blue character on ``background``) and a black reference mask with it (the
+    replacement-mode backgrounds)."""
     video = np.zeros((frames, h, w, 3), np.uint8)
     video[:] = COLOUR_RGB[background]
     video[:, 8:24, 10:20] = COLOUR_RGB["blue"]
@@ -93,7 +94,7 @@ class _Capture:
 
 
 # ------------------------------------------------------------------------------------- end to end
-def test_single_character_animation_without_masks_uses_black_masks(pipe):
+def test_single_character_animation_without_masks_uses_the_mode_backgrounds(pipe):
     cap = _Capture(pipe.transformer)
     try:
         out = pipe(_image(), _video(), height=H, width=W, num_inference_steps=STEPS, seed=0, progress=False)
@@ -101,8 +102,12 @@ def test_single_character_animation_without_masks_uses_black_masks(pipe):
         cap.close()
     assert out.frames.shape == (5, H, W, 3) and out.frames.dtype == np.uint8
     assert len(cap.calls) == 2 * STEPS  # guidance 5: conditional and unconditional pass per step
+    white = torch.zeros(28, dtype=torch.bool)
+    white[[0, 7, 14, 21]] = True  # the white channel of each of the 4 sub-frames
     for call in cap.calls:
-        assert not call["reference_mask"].any() and not call["driving_mask"].any()
+        # No characters: the animation backgrounds, an all-white reference mask and an all-black driving mask.
+        assert (call["reference_mask"][0, white] == 1).all() and not call["reference_mask"][0, ~white].any()
+        assert not call["driving_mask"].any()
         assert call["video"].shape == (1, 20, 2, H // 8, W // 8)
         assert call["driving"].shape == (1, 20, 2, H // 16, W // 16)
 
@@ -202,19 +207,19 @@ def test_cpu_offload_moves_models_only_while_used(pipe):
 
 
 # ------------------------------------------------------------------------------------- sampling loop
-def _random_cond(config, t=3, h=8, w=8, history=None, text_len=12, seed=0) -> SamplingConditioning:
+def _random_cond(config, t=3, h=8, w=8, text_len=12, seed=0) -> tuple[Condition, torch.Tensor]:
+    """A random condition and a negative-prompt embedding."""
     g = torch.Generator().manual_seed(seed)
-    return SamplingConditioning(
+    cond = Condition(
         reference=torch.randn(1, 16, 1, h, w, generator=g),
         reference_mask=torch.rand(1, 28, 1, h, w, generator=g),
         driving=torch.randn(1, 16, t, h // 2, w // 2, generator=g),
         driving_mask=torch.rand(1, 28, t, h // 2, w // 2, generator=g),
         text=torch.randn(1, text_len, config.text_dim, generator=g),
-        negative_text=torch.randn(1, text_len, config.text_dim, generator=g),
         clip_tokens=torch.randn(1, 17, config.image_dim, generator=g),
         modes=["animation"],
-        history=history,
     )
+    return cond, torch.randn(1, text_len, config.text_dim, generator=g)
 
 
 @pytest.mark.parametrize("solver, with_history", [("unipc", False), ("euler", True)])
@@ -223,10 +228,11 @@ def test_sampling_loop_matches_manual_diffusers_loop(pipe, solver, with_history)
 
     model, steps, g = pipe.transformer, 3, 5.0
     history = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(9)) if with_history else None
-    cond = _random_cond(model.config, history=history)
+    cond, negative = _random_cond(model.config)
     noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     ours = sample_latents(
-        model, cond, make_scheduler(solver, shift=3.0), num_inference_steps=steps, guidance_scale=g, latents=noise
+        model, cond, make_scheduler(solver, shift=3.0), negative_text=negative, history=history,
+        num_inference_steps=steps, guidance_scale=g, latents=noise,
     )
 
     # The same loop written directly against diffusers.
@@ -243,13 +249,10 @@ def test_sampling_loop_matches_manual_diffusers_loop(pipe, solver, with_history)
     for t in sched.timesteps:
         if with_history:
             x = torch.cat([history, x[:, :, 2:]], dim=2)
-        packed = pack_inputs(
-            x, hist, cond.reference, cond.reference_mask, cond.driving, cond.driving_mask, ["animation"],
-            model.config.head_dim,
-        )
+        packed = pack_inputs(x, hist, cond, model.config.head_dim)
         ts = t.float().reshape(1)
         v_c = model(**packed.as_kwargs(), timestep=ts, context=cond.text, clip_tokens=cond.clip_tokens)
-        v_u = model(**packed.as_kwargs(), timestep=ts, context=cond.negative_text, clip_tokens=cond.clip_tokens)
+        v_u = model(**packed.as_kwargs(), timestep=ts, context=negative, clip_tokens=cond.clip_tokens)
         x = sched.step(v_u + g * (v_c - v_u), t, x).prev_sample
         if with_history:
             x = torch.cat([history, x[:, :, 2:]], dim=2)
@@ -278,11 +281,13 @@ class _StubTransformer(torch.nn.Module):
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_guidance_passes_and_combination(guidance):
     stub, steps = _StubTransformer(), 3
-    cond = _random_cond(stub.config)
-    c, u = cond.text.mean(), cond.negative_text.mean()
+    cond, negative = _random_cond(stub.config)
+    c, u = cond.text.mean(), negative.mean()
     noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     scheduler = make_scheduler("euler", shift=5.0)
-    out = sample_latents(stub, cond, scheduler, num_inference_steps=steps, guidance_scale=guidance, latents=noise)
+    out = sample_latents(
+        stub, cond, scheduler, negative_text=negative, num_inference_steps=steps, guidance_scale=guidance, latents=noise
+    )
 
     passes = 1 if guidance == 1.0 else 2
     assert len(stub.calls) == passes * steps
@@ -293,7 +298,7 @@ def test_guidance_passes_and_combination(guidance):
     if passes == 2:
         for cond_call, uncond_call in zip(stub.calls[::2], stub.calls[1::2]):
             assert torch.equal(cond_call["context"], cond.text)
-            assert torch.equal(uncond_call["context"], cond.negative_text)
+            assert torch.equal(uncond_call["context"], negative)
             for key in ("video", "reference", "reference_mask", "driving", "driving_mask", "timestep"):
                 assert torch.equal(cond_call[key], uncond_call[key]), key
             assert torch.equal(cond_call["clip_tokens"], uncond_call["clip_tokens"])
@@ -303,30 +308,32 @@ def test_guidance_passes_and_combination(guidance):
 
 
 def test_conditioning_from_a_training_batch():
-    from scail2.data.batch import MotionBatch
+    from scail2.conditioning import MotionBatch
 
     stub = _StubTransformer()
-    c = _random_cond(stub.config)
+    c, negative = _random_cond(stub.config)
+    c = Condition(**{**{k: getattr(c, k) for k in ("reference", "reference_mask", "driving", "driving_mask", "text",
+                                                    "clip_tokens")}, "modes": ["replacement"]})
     latents = torch.randn(1, 16, 3, 8, 8)
-    batch = MotionBatch(
-        latents=latents, reference=c.reference, reference_mask=c.reference_mask, driving=c.driving,
-        driving_mask=c.driving_mask, text=c.text, clip_tokens=c.clip_tokens, mode=["replacement"], source=["x"],
-        history_allowed=torch.tensor([True]), null_text=c.negative_text,
+    batch = MotionBatch(latents=latents, cond=c, source=["x"], history_allowed=torch.tensor([True]), null_text=negative)
+    out = sample_latents(
+        stub, batch.cond, make_scheduler(), negative_text=batch.null_text, history=latents[:, :, :2],
+        num_inference_steps=2, guidance_scale=5.0,
     )
-    cond = SamplingConditioning.from_batch(batch, history=latents[:, :, :2])
-    out = sample_latents(stub, cond, make_scheduler(), num_inference_steps=2, guidance_scale=5.0)
     assert out.shape == latents.shape and torch.equal(out[:, :, :2], latents[:, :, :2])
-    assert torch.equal(stub.calls[1]["context"], c.negative_text)
+    assert torch.equal(stub.calls[1]["context"], negative)
+    assert torch.equal(stub.calls[0]["driving_mask"], c.driving_mask)
 
 
 def test_guidance_below_one_and_missing_negative_are_errors():
     stub = _StubTransformer()
-    cond = _random_cond(stub.config)
+    cond, negative = _random_cond(stub.config)
     with pytest.raises(ValueError, match="guidance_scale is 0.5; need >= 1"):
-        sample_latents(stub, cond, make_scheduler(), num_inference_steps=1, guidance_scale=0.5)
-    cond.negative_text = None
+        sample_latents(stub, cond, make_scheduler(), negative_text=negative, num_inference_steps=1, guidance_scale=0.5)
     with pytest.raises(ValueError, match="negative_text"):
         sample_latents(stub, cond, make_scheduler(), num_inference_steps=1, guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"history has shape \(1, 16, 3, 8, 8\); need .*0 < T_h < T = 3"):
+        sample_latents(stub, cond, make_scheduler(), history=torch.zeros(1, 16, 3, 8, 8), guidance_scale=1.0)
 
 
 def test_euler_schedule_is_the_unipc_schedule():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MODES: tuple[str, ...] = ("animation", "replacement")
+from scail2.conditioning.condition import MODES
 TASKS: tuple[str, ...] = ("self_driven", "cross_identity", "replacement")
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -34,7 +34,9 @@ class Case:
     driving: the driving video: a raw video (end-to-end) or a rendered pose / mesh video (pose-driven).
     ground_truth: the video the generation should reproduce (self-driven and replacement with ground truth);
         None when the case has none (cross-identity pairs).
-    reference_mask / driving_mask: colour-coded masks (docs/inference.md), both or neither.
+    reference_mask / driving_mask: colour-coded masks (docs/inference.md), both or neither. A reference mask
+        image is drawn on the mode's reference background (animation: white); a ``VideoFrame`` of a mask video
+        is drawn on the driving background and is redrawn on the reference one before use.
     characters: number of characters (decides the GSB columns: single vs multi-character).
     """
 

@@ -144,7 +144,7 @@ class CaseGenerator:
             "progress": False,
         }
         if case.reference_mask is not None:
-            kwargs["reference_mask"] = _image_input(case.reference_mask)
+            kwargs["reference_mask"] = _reference_mask_input(case.reference_mask, case.mode)
             kwargs["driving_mask"] = str(case.driving_mask)
         # Only the options that are set: the others keep the pipeline's own defaults.
         names = {"steps": "num_inference_steps", "guidance": "guidance_scale", "shift": "shift",
@@ -159,6 +159,19 @@ class CaseGenerator:
 def _image_input(source: Path | VideoFrame) -> Any:
     """A file path as the pipeline reads it, or the decoded frame of a video."""
     return load_image_source(source) if isinstance(source, VideoFrame) else str(source)
+
+
+def _reference_mask_input(source: Path | VideoFrame, mode: str) -> Any:
+    """A reference mask image as it is, or a frame of a mask video (drawn on the driving side's background)
+    redrawn on the reference background of ``mode`` (`video_mask_to_reference`)."""
+    if not isinstance(source, VideoFrame):
+        return str(source)
+    import torch
+
+    from scail2.conditioning.masks import video_mask_to_reference
+
+    frame = torch.from_numpy(load_image_source(source)).permute(2, 0, 1)  # (3, H, W) uint8
+    return video_mask_to_reference(frame, mode).permute(1, 2, 0).contiguous().numpy()
 
 
 # ------------------------------------------------------------------------------------------------- the run

@@ -3,9 +3,14 @@
 A mask video is an RGB video in [-1, 1] drawn with a small palette (SPEC §3):
 
 - black: the background here should not be visible;
-- white: the background should be visible (the environment switch; replacement mode);
+- white: the background should be visible (the environment switch);
 - blue, red, green, magenta, cyan, yellow: binding slots, one colour per character. Character k has the
   same colour in the reference mask and in the driving mask.
+
+The white background marks the side whose environment is kept (`MASK_BACKGROUNDS`): in animation mode the
+reference mask is drawn on white and the driving mask on black; in replacement mode the reference mask on
+black and the driving mask on white. A given reference mask reaches the packing unchanged: its white pixels
+light the white channel.
 
 A colour channel is "on" above 225/255. Each pixel gives 7 binary channels, in the order of
 `MASK_CHANNELS`; after area interpolation to the latent grid they become fractional coverage. Four
@@ -17,7 +22,9 @@ Two directions live here:
 - mask video -> latent masks: `driving_mask_to_latent`, `reference_mask_to_latent` (built from
   `colour_to_channels` and `pack_temporal`);
 - per-character binary masks -> mask video: `character_masks_to_colour` (with `character_order` and
-  `character_colours`, so one colour assignment can be shared by the reference and the driving mask).
+  `character_colours`, so one colour assignment can be shared by the reference and the driving mask), and
+  `background_mask` (no characters) and `video_mask_to_reference` (a frame of a driving-side mask video
+  redrawn on the reference side's background).
 
 Shapes: F = pixel frames (4k + 1), T = latent frames (k + 1), H x W = pixels, h x w = latent grid.
 Functions take one sample; the latent functions also accept a leading batch dimension.
@@ -32,7 +39,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
-from scail2.data.batch import MODES
+from scail2.conditioning.condition import check_mode
 
 # Order of the 7 mask channels (channel c of every 7-channel block).
 MASK_CHANNELS: tuple[str, ...] = ("white", "red", "green", "blue", "yellow", "magenta", "cyan")
@@ -64,6 +71,11 @@ _THRESHOLD_TOLERANCE = 1e-5
 
 # Tolerance of the [-1, 1] range check (float rounding of the caller's normalisation, not real overshoot).
 _RANGE_TOLERANCE = 1e-3
+
+# Background colour of (reference mask, driving mask) per mode: white marks the side whose environment is kept.
+MASK_BACKGROUNDS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {"animation": ("white", "black"), "replacement": ("black", "white")}
+)
 
 MASK_COLOURS = len(MASK_CHANNELS)  # 7
 SUBFRAMES = 4  # pixel frames per latent frame (VAE temporal stride)
@@ -353,6 +365,44 @@ def _resolve_order(masks: torch.Tensor, order: str | Sequence[int] | torch.Tenso
     return perm
 
 
+def mask_background(mode: str, reference: bool) -> str:
+    """The background colour of a mask drawn for ``mode``: the reference mask's (``reference``) or the driving
+    mask's. Animation: reference white, driving black; replacement: reference black, driving white."""
+    ref, drive = MASK_BACKGROUNDS[check_mode(mode, "mask mode")]
+    return ref if reference else drive
+
+
+def _rgb(name: str, device: torch.device | None = None) -> torch.Tensor:
+    """(3, 1, 1) float32 in {-1, 1} of a palette colour."""
+    value = torch.tensor(COLOUR_RGB[name], dtype=torch.float32, device=device)
+    return (value / 127.5 - 1).view(3, 1, 1)
+
+
+def background_mask(mode: str, reference: bool, height: int, width: int, frames: int = 1) -> torch.Tensor:
+    """A mask with no characters: (F, 3, H, W) float32 of the mode's reference or driving background (see
+    `mask_background`), what an input without masks is conditioned on."""
+    return _rgb(mask_background(mode, reference)).expand(frames, 3, height, width).clone()
+
+
+def video_mask_to_reference(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Redraw a frame of a driving-side mask (a target or driving mask video) as a reference mask of ``mode``.
+
+    mask: (..., 3, H, W) uint8, or float in [-1, 1]. Pixels of the driving background (black in animation,
+    white in replacement) become the reference background (white in animation, black in replacement);
+    character colours stay. A pixel is white when all three channels are on and black when none is (the
+    thresholding of `colour_to_channels`). Returns the same dtype.
+    """
+    ref_bg, drive_bg = MASK_BACKGROUNDS[check_mode(mode, "mask mode")]
+    if mask.dtype == torch.uint8:
+        on = mask > 225
+        levels = {"white": 255, "black": 0}
+    else:
+        on = _check_rgb(mask, "mask") > ON_THRESHOLD + _THRESHOLD_TOLERANCE
+        levels = {"white": 1.0, "black": -1.0}
+    background = on.all(dim=-3, keepdim=True) if drive_bg == "white" else ~on.any(dim=-3, keepdim=True)
+    return mask.masked_fill(background, levels[ref_bg])
+
+
 def character_masks_to_colour(
     masks: torch.Tensor,
     mode: str,
@@ -363,28 +413,23 @@ def character_masks_to_colour(
     """Draw per-character binary masks as a colour-coded mask video.
 
     masks: (K, F, H, W) bool, one video per character (F = 1 for a reference image).
-    mode: "animation" (background black) or "replacement" (background white, the environment switch).
+    mode: "animation" or "replacement"; with ``reference`` it picks the background (`mask_background`):
+        animation draws the driving mask on black and the reference mask on white, replacement the driving
+        mask on white (the environment switch) and the reference mask on black.
     order: "x" or "area" (see `character_order`) or an explicit permutation (perm[i] = the character that
         gets palette slot i). Compute it once, e.g. ``character_order(driving_masks)``, and pass it to both
         the reference and the driving call so every character keeps its colour.
-    reference: draw a reference mask, whose background is always black whatever the mode.
+    reference: draw the reference mask (the other background of the mode).
     Returns (F, 3, H, W) float32 with values in {-1, 1}.
 
     Overlaps: characters are drawn in index order, each over the previous ones, so where masks overlap
     the highest character index wins. Pass characters back to front (nearest last) to keep the nearer one.
     """
     masks = _check_character_masks(masks)
-    if mode not in MODES:
-        raise ValueError(f"unknown mask mode {mode!r}; use one of {MODES}")
+    background = mask_background(mode, reference)
     colours = character_colours(_resolve_order(masks, order))
     _, n, height, width = masks.shape
-    background = "black" if reference or mode == "animation" else "white"
-
-    def rgb(name: str) -> torch.Tensor:  # (3, 1, 1) in {-1, 1}
-        value = torch.tensor(COLOUR_RGB[name], dtype=torch.float32, device=masks.device)
-        return (value / 127.5 - 1).view(3, 1, 1)
-
-    out = rgb(background).expand(n, 3, height, width).clone()  # (F, 3, H, W)
+    out = _rgb(background, masks.device).expand(n, 3, height, width).clone()  # (F, 3, H, W)
     for character, colour in enumerate(colours):
-        out = torch.where(masks[character].unsqueeze(1), rgb(colour), out)
+        out = torch.where(masks[character].unsqueeze(1), _rgb(colour, masks.device), out)
     return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from scail2.data.batch import MODES
+from scail2.conditioning.condition import Condition, check_mode
 from scail2.models.rope import grid_positions, rope_frequencies
 
 # Position shift (in tokens) separating the reference (replacement mode) and the driving segment.
@@ -58,8 +58,7 @@ class SegmentOffsets:
 
 def segment_offsets(mode: str, num_extra_refs: int = 0) -> dict[str, list[SegmentOffsets] | SegmentOffsets]:
     """Position offsets of every segment for one sample (the SPEC §4 table)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    check_mode(mode)
     n = num_extra_refs
     ref_h = SEGMENT_SHIFT if mode == "replacement" else 0
     video_t = n + 1 if mode == "animation" else n
@@ -135,37 +134,31 @@ def with_mask_channels(latent: torch.Tensor, mask: torch.Tensor | float) -> torc
 def pack_inputs(
     noisy: torch.Tensor,
     history: torch.Tensor,
-    reference: torch.Tensor,
-    reference_mask: torch.Tensor,
-    driving: torch.Tensor,
-    driving_mask: torch.Tensor,
-    modes: list[str],
+    cond: Condition,
     head_dim: int,
     patch_size: tuple[int, int, int] = (1, 2, 2),
-    extra_references: torch.Tensor | None = None,
-    extra_reference_masks: torch.Tensor | None = None,
     theta: float = 10000.0,
     rope: torch.Tensor | None = None,
 ) -> SCAIL2Inputs:
-    """Build the SCAIL-2 model inputs from latent-space tensors.
+    """Build the SCAIL-2 model inputs from a noisy video latent and its conditioning.
 
     Args:
         noisy: (B, 16, T, h, w) noisy video latent (history frames already replaced by clean latents).
         history: (B, 1, T, 1, 1) history mask from :func:`history_mask` (1 on clean history frames).
-        reference: (B, 16, 1, h, w); reference_mask: (B, 28, 1, h, w).
-        driving: (B, 16, T, h/2, w/2); driving_mask: (B, 28, T, h/2, w/2).
-        modes: per-sample "animation" | "replacement".
-        extra_references: (B, n, 16, 1, h, w) and extra_reference_masks (B, n, 28, 1, h, w), optional.
+        cond: the `Condition` of the batch: reference (B, 16, 1, h, w) and its mask (B, 28, 1, h, w), driving
+            (B, 16, T, h/2, w/2) and its mask (B, 28, T, h/2, w/2), modes, optional extra references
+            (B, n, 16, 1, h, w) with masks (B, n, 28, 1, h, w). Its text and CLIP tokens go to the model
+            directly (``context``, ``clip_tokens``), not through the packing.
         rope: precomputed factors for this layout (the sampler reuses them across steps).
     """
     b, c, t, h, w = noisy.shape
-    if len(modes) != b:
-        raise ValueError(f"got {len(modes)} modes for a batch of {b}")
+    if cond.batch_size != b:
+        raise ValueError(f"the condition has a batch of {cond.batch_size} for a noisy latent of batch {b}")
     expect = {
-        "reference": (reference, (b, c, 1, h, w)),
-        "reference_mask": (reference_mask, (b, 28, 1, h, w)),
-        "driving": (driving, (b, c, t, h // 2, w // 2)),
-        "driving_mask": (driving_mask, (b, 28, t, h // 2, w // 2)),
+        "reference": (cond.reference, (b, c, 1, h, w)),
+        "reference_mask": (cond.reference_mask, (b, 28, 1, h, w)),
+        "driving": (cond.driving, (b, c, t, h // 2, w // 2)),
+        "driving_mask": (cond.driving_mask, (b, 28, t, h // 2, w // 2)),
         "history": (history, (b, 1, t, 1, 1)),
     }
     for name, (tensor, shape) in expect.items():
@@ -178,26 +171,27 @@ def pack_inputs(
         raise ValueError(
             f"latent size {h}x{w} must be divisible by {2 * patch_size[1]} (pixel size divisible by 32)"
         )
-    refs, ref_masks = reference, reference_mask
-    n = 0
-    if extra_references is not None:
-        if extra_reference_masks is None or extra_reference_masks.shape[:2] != extra_references.shape[:2]:
-            raise ValueError("extra_references need extra_reference_masks with the same (B, n) leading shape")
-        n = extra_references.shape[1]
-        if tuple(extra_references.shape) != (b, n, c, 1, h, w):
-            raise ValueError(f"extra_references has shape {tuple(extra_references.shape)}; expected {(b, n, c, 1, h, w)}")
+    refs, ref_masks = cond.reference, cond.reference_mask
+    n = cond.num_extra_references
+    if n:
+        extra, extra_masks = cond.extra_references, cond.extra_reference_masks
+        if tuple(extra.shape) != (b, n, c, 1, h, w) or tuple(extra_masks.shape) != (b, n, 28, 1, h, w):
+            raise ValueError(
+                f"extra_references {tuple(extra.shape)} / extra_reference_masks {tuple(extra_masks.shape)}; "
+                f"expected {(b, n, c, 1, h, w)} / {(b, n, 28, 1, h, w)}"
+            )
         # (B, n, C, 1, h, w) -> (B, C, n, h, w), placed before the reference frame.
-        refs = torch.cat([extra_references.squeeze(3).transpose(1, 2), reference], dim=2)
-        ref_masks = torch.cat([extra_reference_masks.squeeze(3).transpose(1, 2), reference_mask], dim=2)
+        refs = torch.cat([extra.squeeze(3).transpose(1, 2), refs], dim=2)
+        ref_masks = torch.cat([extra_masks.squeeze(3).transpose(1, 2), ref_masks], dim=2)
     if rope is None:
         rope = sequence_rope(
-            list(modes), t // patch_size[0], h // patch_size[1], w // patch_size[2], head_dim, n, theta, noisy.device
+            cond.modes, t // patch_size[0], h // patch_size[1], w // patch_size[2], head_dim, n, theta, noisy.device
         )
     return SCAIL2Inputs(
         video=with_mask_channels(noisy, history),
         reference=with_mask_channels(refs, 1.0),
         reference_mask=ref_masks,
-        driving=with_mask_channels(driving, 1.0),
-        driving_mask=driving_mask,
+        driving=with_mask_channels(cond.driving, 1.0),
+        driving_mask=cond.driving_mask,
         rope=rope,
     )

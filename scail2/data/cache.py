@@ -12,6 +12,11 @@ Per sample: ``latents`` (16, T, h, w), ``reference`` (16, 1, h, w), ``reference_
 ``text`` (L, text_dim) with only the caption's real rows (zero rows are restored on load), ``clip_tokens``
 (257, image_dim), and ``hands`` / ``faces`` / ``ocr`` (1, T, h, w) coverage where the record has them.
 
+The index records its ``kind`` ("motion"; the preference cache of `scail2.data.preference_data` is "preference")
+and the ``version`` of the encoding rules it was built with. A cache of another kind or version is refused
+with what to do (rebuild into a new folder), never read or extended: version 1 caches turned the white of
+reference masks black, version 2 passes reference masks as given (animation-mode masks are drawn on white).
+
 Choices that need pixels (orientation, clip start, reference frame, crop/stretch, skeleton scale) are
 drawn once per record from the cache seed — the same draw `MotionPairDataset(fixed_seed=seed)` makes — and
 the driving swap, which works on latents, is drawn at load time.
@@ -54,7 +59,10 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 NULL_TEXT_NAME = "null_text.safetensors"
-CACHE_VERSION = 1
+CACHE_KIND = "motion"
+# 2: reference masks reach the 28-channel packing as given (animation-mode reference masks on white; a target
+# mask frame used as the reference mask is redrawn on the reference background). 1: white turned black.
+CACHE_VERSION = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,12 +83,26 @@ class CacheIndex:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found; build the cache with `scail2-data cache MANIFEST {root} --encoders DIR`")
         data = json.loads(path.read_text())
+        kind = data.get("kind", CACHE_KIND if "version" in data and "settings" in data else None)
+        if kind != CACHE_KIND:
+            hint = (
+                "train DPO on it with data=preference data.cache_dir=... (PreferenceDataModule)"
+                if kind == "preference"
+                else "build a motion latent cache with `scail2-data cache MANIFEST DIR --encoders DIR`"
+            )
+            raise ValueError(f"{path} is a {kind or 'unknown'} cache, not a motion latent cache; {hint}")
         if data.get("version") != CACHE_VERSION:
-            raise ValueError(f"{path} has cache version {data.get('version')}; this code reads version {CACHE_VERSION}: rebuild it")
+            raise ValueError(
+                f"{path} has cache version {data.get('version')}; this code reads version {CACHE_VERSION} (version "
+                f"{CACHE_VERSION} passes reference masks unchanged, animation-mode masks drawn on white; older caches "
+                f"turned their white black): rebuild it with `scail2-data cache MANIFEST NEW_DIR --encoders DIR` into a "
+                f"new folder (or delete {root}); caches of different versions are never mixed"
+            )
         return cls(root, data["settings"], data["shards"], data["samples"], data["failed"])
 
     def save(self) -> None:
         data = {
+            "kind": CACHE_KIND,
             "version": CACHE_VERSION,
             "settings": self.settings,
             "shards": self.shards,

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--shard-size", type=int, default=64)
     pc.add_argument("--workers", type=int, default=0, help="decoding processes")
     pc.add_argument("--device", default="cpu", help="encoder device, e.g. cuda")
-    pc.add_argument("--allow-missing-masks", action="store_true", help="condition pairs without masks on all-black masks")
+    pc.add_argument("--allow-missing-masks", action="store_true", help="condition pairs without masks on masks without characters (the mode's backgrounds)")
     pc.set_defaults(func=_preference_cache)
 
     pr = sub.add_parser("prepare", help="clips, masks, keypoints, boxes, captions and pose records from videos (resumable)")

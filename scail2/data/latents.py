@@ -1,7 +1,8 @@
 """The latent stage: encode a `PixelSample`, pick the driving signal, and collate into a `MotionBatch`.
 
-The raw-video dataset and the latent-cache writer both go through `encode_pixel_sample`, so the two paths
-produce the same tensors for the same choices.
+The raw-video dataset and the latent-cache writer both go through `encode_pixel_sample`, which encodes the
+condition with `scail2.conditioning.encode.encode_condition`, the function ``SCAIL2Pipeline`` uses too: the
+same pixels give the same conditioning tensors in training and at inference.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scail2.conditioning.masks import driving_mask_to_latent, reference_mask_to_latent
-from scail2.data.batch import MotionBatch
+from scail2.conditioning.batch import MotionBatch
+from scail2.conditioning.condition import Condition
+from scail2.conditioning.encode import encode_condition, encode_driving
 from scail2.data.buckets import Bucket
 from scail2.data.sample import REGION_NAMES, PixelSample, unit_range
 from scail2.data.transforms import region_to_latent
@@ -29,7 +31,8 @@ class LatentSample:
     latents: (16, T, h, w); reference: (16, 1, h, w); reference_mask: (28, 1, h, w);
     driving / driving_aug: (16, T, h/2, w/2); driving_mask / driving_mask_aug: (28, T, h/2, w/2);
     text: (L, text_dim), only the caption's real rows (padded with zeros to ``text_len`` when collated);
-    clip_tokens: (257, image_dim); regions: name -> (1, T, h, w) coverage.
+    clip_tokens: (257, image_dim); regions: name -> (1, T, h, w) coverage; extra_references (n, 16, 1, h, w)
+    and extra_reference_masks (n, 28, 1, h, w) when the sample has further reference images.
     """
 
     id: str
@@ -52,6 +55,8 @@ class LatentSample:
     driving_mask_aug: torch.Tensor | None = None
     swapped: bool = False
     skips: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of samples replaced by this one
+    extra_references: torch.Tensor | None = None
+    extra_reference_masks: torch.Tensor | None = None
 
     def select_driving(self, swap: bool) -> "LatentSample":
         """Keep one driving signal: the augmented one when ``swap`` (and it exists), else the original."""
@@ -82,21 +87,31 @@ def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_pixel_sample(sample: PixelSample, encoders: "Encoders") -> LatentSample:
-    """Run the frozen encoders on one `PixelSample`; every output is float32 on the CPU."""
+    """Run the frozen encoders on one `PixelSample`; every output is float32 on the CPU.
+
+    The condition (reference, masks, the main driving signal, caption, extra references) goes through
+    `encode_condition`; the augmented driving signal, when the sample has both, through its `encode_driving`.
+    """
     target = unit_range(sample.target).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     latents = encoders.vae.encode(target)[0].float().cpu()  # (16, T, h, w)
-    reference = unit_range(sample.reference)  # (3, H, W)
-    ref_latent = encoders.vae.encode(reference[None, :, None])[0].float().cpu()  # (16, 1, h, w)
-    ref_mask = reference_mask_to_latent(unit_range(sample.reference_mask))  # (28, 1, h, w)
-    drivings = {}
-    for name, (video, mask) in sample.drivings.items():
-        z = encoders.vae.encode_driving(unit_range(video).permute(1, 0, 2, 3)[None])[0].float().cpu()
-        drivings[name] = (z, driving_mask_to_latent(unit_range(mask)))  # (16|28, T, h/2, w/2)
-    text = encoders.text.encode([sample.caption])[0].float().cpu()  # (text_len, D)
-    clip = encoders.image.encode(reference[None])[0].float().cpu()  # (257, D)
+    main = "driving" if "driving" in sample.drivings else "driving_aug"
+    video, mask = sample.drivings[main]
+    cond = encode_condition(
+        encoders,
+        reference=sample.reference,
+        reference_mask=sample.reference_mask,
+        driving=video,
+        driving_mask=mask,
+        caption=sample.caption,
+        mode=sample.mode,
+        extra_references=sample.extra_references,
+        extra_reference_masks=sample.extra_reference_masks,
+    )
+    aug = None
+    if main == "driving" and "driving_aug" in sample.drivings:
+        aug = encode_driving(encoders, *sample.drivings["driving_aug"], sample.mode)  # (1, 16 | 28, T, h/2, w/2)
     regions = {name: region_to_latent(mask) for name, mask in sample.regions.items()}
-    main = drivings.get("driving", drivings.get("driving_aug"))
-    aug = drivings.get("driving_aug") if "driving" in drivings else None
+    extra = cond.extra_references
     return LatentSample(
         id=sample.id,
         source=sample.source,
@@ -106,17 +121,19 @@ def encode_pixel_sample(sample: PixelSample, encoders: "Encoders") -> LatentSamp
         forward=sample.forward,
         bucket=sample.bucket,
         latents=latents,
-        reference=ref_latent,
-        reference_mask=ref_mask,
-        driving=main[0],
-        driving_mask=main[1],
-        text=trim_text(text),
-        text_len=text.shape[0],
-        clip_tokens=clip,
+        reference=cond.reference[0],
+        reference_mask=cond.reference_mask[0],
+        driving=cond.driving[0],
+        driving_mask=cond.driving_mask[0],
+        text=trim_text(cond.text[0]),
+        text_len=cond.text.shape[1],
+        clip_tokens=cond.clip_tokens[0],
         regions=regions,
-        driving_aug=aug[0] if aug else None,
-        driving_mask_aug=aug[1] if aug else None,
-        swapped="driving" not in drivings,
+        driving_aug=None if aug is None else aug[0][0],
+        driving_mask_aug=None if aug is None else aug[1][0],
+        swapped=main != "driving",
+        extra_references=None if extra is None else extra[0],
+        extra_reference_masks=None if extra is None else cond.extra_reference_masks[0],
     )
 
 
@@ -146,6 +163,15 @@ def collate_samples(samples: Sequence[LatentSample]) -> MotionBatch:
     def stack(name: str) -> torch.Tensor:
         return torch.stack([getattr(s, name) for s in samples])
 
+    extra_counts = {0 if s.extra_references is None else s.extra_references.shape[0] for s in samples}
+    if len(extra_counts) > 1:
+        raise ValueError(
+            f"a batch mixes samples with {sorted(extra_counts)} extra references; batch samples with the same number"
+        )
+    extra = extra_masks = None
+    if extra_counts != {0}:
+        extra, extra_masks = stack("extra_references"), stack("extra_reference_masks")  # (B, n, 16 | 28, 1, h, w)
+
     regions: dict[str, torch.Tensor | None] = {}
     grid = samples[0].latents.shape[1:]  # (T, h, w)
     for name in REGION_NAMES:
@@ -153,15 +179,20 @@ def collate_samples(samples: Sequence[LatentSample]) -> MotionBatch:
             regions[name] = torch.stack([s.regions.get(name, torch.zeros(1, *grid)) for s in samples])
         else:
             regions[name] = None
-    return MotionBatch(
-        latents=stack("latents"),
+    cond = Condition(
         reference=stack("reference"),
         reference_mask=stack("reference_mask"),
         driving=stack("driving"),
         driving_mask=stack("driving_mask"),
         text=torch.stack([pad_text(s.text, text_len) for s in samples]),
         clip_tokens=stack("clip_tokens"),
-        mode=[s.mode for s in samples],
+        modes=[s.mode for s in samples],
+        extra_references=extra,
+        extra_reference_masks=extra_masks,
+    )
+    return MotionBatch(
+        latents=stack("latents"),
+        cond=cond,
         source=[s.source for s in samples],
         history_allowed=torch.tensor([s.history_allowed for s in samples]),
         hand_mask=regions["hands"],
@@ -191,8 +222,8 @@ def describe_batch(batch: MotionBatch) -> dict[str, Any]:
     return {
         "bucket": batch.meta.get("bucket").name if batch.meta.get("bucket") else None,
         "latents": tuple(batch.latents.shape),
-        "driving": tuple(batch.driving.shape),
-        "text": tuple(batch.text.shape),
+        "driving": tuple(batch.cond.driving.shape),
+        "text": tuple(batch.cond.text.shape),
         "source": batch.source,
-        "mode": batch.mode,
+        "mode": batch.cond.modes,
     }

@@ -34,7 +34,14 @@ from scail2.data.manifest import (
     parse_rows,
 )
 from scail2.data.transforms import TRAIN_FPS, resampled_length
-from scail2.data.validate import RecordReport, ValidateOptions, _check_palette, _check_video, _white_fraction
+from scail2.data.validate import (
+    RecordReport,
+    ValidateOptions,
+    _check_palette,
+    _check_reference_background,
+    _check_video,
+    _white_fraction,
+)
 from scail2.data.video import VideoDecodeError, read_image
 
 # Every preference item is in this sampling class; weights may still name record sources.
@@ -317,6 +324,7 @@ def validate_preference_record(record: PreferenceRecord, options: ValidateOption
                 h, w = ref_mask.shape[:2]
                 report.add("reference_mask", f"is {h}x{w} but the reference is {ref_size[0]}x{ref_size[1]}")
             _check_palette(ref_mask[None], "reference_mask", report, options)
+            _check_reference_background(ref_mask[None], record.mode, report, options)
         except VideoDecodeError as exc:
             report.add("reference_mask", f"{exc.reason}: {exc.detail}")
     return report

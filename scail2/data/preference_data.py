@@ -43,7 +43,6 @@ from scail2.data.transforms import (
     rasterize_boxes,
     region_to_latent,
     transform_boxes,
-    white_to_black,
 )
 from scail2.data.video import Backend, VideoDecodeError, VideoReader
 
@@ -109,7 +108,8 @@ def load_preference_pixels(
 ) -> PreferencePixels:
     """Decode one pair: a ``bucket.frames`` clip from ``clip_start`` (frames at 16 fps) of all three videos,
     each fitted to the bucket (resize-to-cover, centre crop); masks with nearest resizing, hand boxes through
-    the same map. Absent masks are all black. Raises `SampleError`."""
+    the same map. Reference masks are used as given; absent masks mean no characters (the mode's backgrounds,
+    `scail2.conditioning.masks.MASK_BACKGROUNDS`). Raises `SampleError`."""
     size = (bucket.height, bucket.width)
     mask_fill = _BLACK if record.mode == "animation" else _WHITE
     with _Reads(backend) as io:
@@ -139,7 +139,7 @@ def load_preference_pixels(
             _same_size(tuple(mask_src.shape[-2:]), tuple(driving_src.shape[-2:]), "driving_mask", "driving")
             driving_mask = crop_resize(mask_src, dbox, size, mode="nearest", fill=mask_fill)
         else:
-            driving_mask = torch.zeros_like(driving)
+            driving_mask = None  # no characters: the mode's driving background
 
         if ref_index is not None:
             reference, rbox, ref_hw = crop_resize(frames[-1:], box, size)[0], box, (th, tw)
@@ -151,9 +151,9 @@ def load_preference_pixels(
         if record.reference_mask is not None:
             ref_mask_src = io.image(record.reference_mask, "reference_mask")
             _same_size(tuple(ref_mask_src.shape[-2:]), ref_hw, "reference_mask", "the reference")
-            reference_mask = white_to_black(crop_resize(ref_mask_src[None], rbox, size, mode="nearest")[0])
+            reference_mask = crop_resize(ref_mask_src[None], rbox, size, mode="nearest")[0]
         else:
-            reference_mask = torch.zeros_like(reference)
+            reference_mask = None  # no characters: the mode's reference background
         hands = _hand_mask(record.preferred_hands, indices, box, size, n, "preferred_hands")
         loser_hands = _hand_mask(record.dispreferred_hands, indices, box, size, n, "dispreferred_hands")
 
@@ -218,7 +218,7 @@ class PreferencePairDataset(PairDatasetBase):
     encoders_root / encoders: the frozen encoders, loaded lazily per process (as `MotionPairDataset`).
     fixed_seed: None draws the clip start per draw; an int fixes it per record (what the cache stores).
     require_masks: refuse records without driving/reference masks (the policy was trained with masks);
-    False conditions such records on all-black masks.
+    False conditions such records on masks without characters (the mode's backgrounds).
     """
 
     def __init__(
@@ -249,7 +249,7 @@ class PreferencePairDataset(PairDatasetBase):
             if maskless:
                 raise ValueError(
                     f"{len(maskless)} preference records have no driving_mask/reference_mask (first: {maskless[0]}); "
-                    "add the masks, or pass require_masks=False to condition them on all-black masks"
+                    "add the masks, or pass require_masks=False to condition them on masks without characters"
                 )
         self.records: list[PreferenceRecord] = []
         self.metas: list[VideoMeta] = []
@@ -306,7 +306,9 @@ class PreferencePairDataset(PairDatasetBase):
 # ----------------------------------------------------------------------------------------------------
 
 CACHE_KIND = "preference"
-_CACHE_VERSION = 1
+# 2: reference masks as given (animation-mode masks on white), absent masks as the mode's backgrounds (version 1
+# turned white reference-mask pixels black and used all-black masks for absent ones).
+_CACHE_VERSION = 2
 _INDEX = "index.json"
 _NULL_TEXT = "null_text.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -339,7 +341,11 @@ class PreferenceCacheIndex:
                 f"{path} is not a preference cache (kind {data.get('kind')!r}); a motion cache is read by LatentCacheDataset"
             )
         if data.get("version") != _CACHE_VERSION:
-            raise ValueError(f"{path} has version {data.get('version')}; this code reads version {_CACHE_VERSION}: rebuild it")
+            raise ValueError(
+                f"{path} has preference-cache version {data.get('version')}; this code reads version {_CACHE_VERSION} "
+                "(version 2 keeps reference masks as given, animation-mode masks on white): rebuild it with "
+                f"`scail2-data preference-cache` into a new folder (or delete {root}); caches are never mixed"
+            )
         return cls(root, data["settings"], data["shards"], data["samples"], data["failed"])
 
     def save(self) -> None:
@@ -447,7 +453,7 @@ def build_preference_cache(
     buckets = [Bucket.parse(b) for b in buckets]
     if require_masks and any(not r.has_masks for r in records):
         first = next(r.id for r in records if not r.has_masks)
-        raise ValueError(f"preference record {first} has no masks; add them or pass require_masks=False (all-black masks)")
+        raise ValueError(f"preference record {first} has no masks; add them or pass require_masks=False (masks without characters)")
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError("the preference manifest has duplicate ids; fix them before caching")
@@ -579,7 +585,7 @@ class PreferenceDataModule(SampledDataModule):
         samples_per_epoch: draws per epoch over all ranks (default: the number of pairs).
         seed: sampling seed; ranks and epochs get their own streams from it.
         fixed_clip_seed: raw path only: fix each pair's clip start with this seed (as a cache built with it).
-        require_masks: refuse pairs without masks (False: all-black masks).
+        require_masks: refuse pairs without masks (False: masks without characters, the mode's backgrounds).
         video_backend, max_attempts, pin_memory, persistent_workers: as in `MotionDataModule`.
     Train with ``Trainer(use_distributed_sampler=False)``: the sampler already draws per rank.
     """

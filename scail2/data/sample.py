@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scail2.conditioning.encode import to_unit
+from scail2.conditioning.masks import video_mask_to_reference
 from scail2.data.buckets import Bucket
 from scail2.data.manifest import MotionRecord
 from scail2.data.transforms import (
@@ -34,7 +36,6 @@ from scail2.data.transforms import (
     resampled_length,
     threshold_region,
     transform_boxes,
-    white_to_black,
 )
 from scail2.data.video import Backend, VideoDecodeError, VideoReader, read_image
 
@@ -182,7 +183,11 @@ class PixelSample:
     """Decoded, clipped and bucket-fitted tensors of one sample (uint8 RGB, channels first).
 
     target: (F, 3, H, W); reference / reference_mask: (3, H, W); drivings: name -> (video, mask), each
-    (F, 3, H, W), names ``driving`` and/or ``driving_aug``; regions: name -> bool (F, H, W) on the target grid.
+    (F, 3, H, W), names ``driving`` and/or ``driving_aug``; regions: name -> bool (F, H, W) on the target grid;
+    extra_references / extra_reference_masks: (n, 3, H, W) further reference images and their masks (optional).
+    A mask of None means no characters: the mode's background (`scail2.conditioning.masks.MASK_BACKGROUNDS`).
+    Reference masks are drawn as reference masks of the mode (animation: on white) and reach the encoders as
+    they are.
     """
 
     id: str
@@ -195,9 +200,11 @@ class PixelSample:
     bucket: Bucket
     target: torch.Tensor
     reference: torch.Tensor
-    reference_mask: torch.Tensor
-    drivings: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    reference_mask: torch.Tensor | None
+    drivings: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
     regions: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_references: torch.Tensor | None = None
+    extra_reference_masks: torch.Tensor | None = None
 
 
 def _to_tchw(frames: np.ndarray) -> torch.Tensor:
@@ -307,6 +314,9 @@ def load_pixel_sample(
                 mask_reader = io.open(ref_mask_video, ref_mask_field)
                 ref_mask_src = io.read(mask_reader, [ref_index], ref_mask_field)
                 _same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), ref_mask_field, target_field)
+                # A frame of a video's mask is drawn on the driving side's background: redraw it on the
+                # reference side's (animation: black -> white; replacement: white -> black).
+                ref_mask_src = video_mask_to_reference(ref_mask_src, record.mode)
             else:
                 ref_mask_src = io.image(record.reference_mask, "reference_mask")[None]
                 _same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), "reference_mask", "the target")
@@ -318,7 +328,6 @@ def load_pixel_sample(
             _same_size(tuple(ref_mask_src.shape[-2:]), tuple(image.shape[-2:]), "reference_mask", "the reference image")
             reference = crop_resize(image[None], rbox, size)[0]
             reference_mask = crop_resize(ref_mask_src[None], rbox, size, mode="nearest")[0]
-        reference_mask = white_to_black(reference_mask)
 
         loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in wanted:
@@ -370,6 +379,7 @@ def load_pixel_sample(
 
 
 def unit_range(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [-1, 1] (x / 127.5 - 1), the range every encoder and mask function takes."""
-    return frames.float() / 127.5 - 1.0
+    """uint8 -> float32 in [-1, 1] (x / 127.5 - 1), the range every encoder and mask function takes
+    (`scail2.conditioning.encode.to_unit`)."""
+    return to_unit(frames)
 

@@ -15,14 +15,19 @@ Pairs, as the training data has them (driving = synthetic, target = real):
 
 Each record gets a colour-coded driving mask, a target mask, a reference (a target frame, or for some
 records a separate image), hand and face boxes, a caption, and for some an augmented driving video + mask
-(the swap) and an OCR-like sign with its mask video. Everything is a function of the seed.
+(the swap) and an OCR-like sign with its mask video. Masks are drawn on the official backgrounds of their
+mode (`scail2.conditioning.masks.MASK_BACKGROUNDS`): animation: driving and target masks on black, the
+reference mask on white; replacement: driving and target masks on white, the reference mask on black.
+Everything is a function of the seed; `generate_dataset` records the drawing version and options in
+``synth.json`` and `ensure_dataset` refuses a folder drawn by another version or with other options.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,11 @@ import torch
 from scail2.conditioning.masks import character_masks_to_colour, character_order
 from scail2.data.manifest import MotionRecord, Regions, write_manifest
 from scail2.data.video import write_image, write_video
+
+# Version of what `generate_dataset` draws, recorded in <out>/synth.json. 2: reference masks on the reference
+# background of the mode (white in animation mode); version 1 drew every reference mask on black.
+SYNTH_VERSION = 2
+SYNTH_STAMP = "synth.json"
 
 SYNTH_SOURCES: tuple[str, ...] = (
     "scail_animation",
@@ -550,8 +560,15 @@ def make_pair(
     )
 
 
+def _stamp(options: SynthOptions) -> dict:
+    fields_ = asdict(options)
+    fields_["sizes"] = [list(size) for size in options.sizes]
+    return {"version": SYNTH_VERSION, **fields_}
+
+
 def generate_dataset(out_dir: str | Path, options: SynthOptions | None = None) -> Path:
-    """Write ``options.pairs`` pairs under ``out_dir`` and ``out_dir/manifest.jsonl``; return the manifest path."""
+    """Write ``options.pairs`` pairs under ``out_dir`` and ``out_dir/manifest.jsonl``; return the manifest path.
+    ``out_dir/synth.json`` records `SYNTH_VERSION` and the options."""
     options = options if options is not None else SynthOptions()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -559,4 +576,32 @@ def generate_dataset(out_dir: str | Path, options: SynthOptions | None = None) -
     for i in range(options.pairs):
         height, width = options.sizes[i % len(options.sizes)]
         records.append(make_pair(out, i, height, width, options.frames, options.fps, options.seed, options.lossy))
-    return write_manifest(out / "manifest.jsonl", records)
+    manifest = write_manifest(out / "manifest.jsonl", records)
+    (out / SYNTH_STAMP).write_text(json.dumps(_stamp(options), indent=1) + "\n")  # last: marks a complete dataset
+    return manifest
+
+
+def ensure_dataset(out_dir: str | Path, options: SynthOptions | None = None) -> Path:
+    """The manifest of the synthetic dataset in ``out_dir``, drawn first when the folder holds none; a folder
+    drawn by another `SYNTH_VERSION` or with other options is refused (its masks or pairs would silently stand
+    for these), with what to delete."""
+    options = options if options is not None else SynthOptions()
+    out = Path(out_dir)
+    stamp_path, manifest = out / SYNTH_STAMP, out / "manifest.jsonl"
+    if not stamp_path.exists():
+        if manifest.exists():
+            raise ValueError(
+                f"{out} holds synthetic videos without {SYNTH_STAMP}, drawn by an older version (before version "
+                f"{SYNTH_VERSION}, reference masks were drawn on black in every mode); delete {out.parent} (it is "
+                "regenerated on the next run) or point the data root elsewhere"
+            )
+        return generate_dataset(out, options)
+    recorded, ours = json.loads(stamp_path.read_text()), _stamp(options)
+    if recorded != ours:
+        differ = sorted(k for k in ours.keys() | recorded.keys() if ours.get(k) != recorded.get(k))
+        detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+        raise ValueError(
+            f"{out} holds synthetic videos drawn with other settings ({detail}); delete {out.parent} (it is "
+            "regenerated on the next run) or point the data root elsewhere"
+        )
+    return manifest.resolve()

@@ -203,15 +203,6 @@ def content_centre(frames: torch.Tensor, threshold: int = 40) -> tuple[float, fl
 # ----------------------------------------------------------------------------------------------------
 
 
-def white_to_black(mask: torch.Tensor) -> torch.Tensor:
-    """Reference masks are always black-background: turn white (environment switch) pixels black.
-
-    mask: uint8 (..., 3, H, W). A pixel is white when all three channels are on (> 225).
-    """
-    white = (mask > 225).all(dim=-3, keepdim=True)
-    return mask.masked_fill(white, 0)
-
-
 def threshold_region(frames: torch.Tensor) -> torch.Tensor:
     """A region mask video, uint8 (F, 3, H, W) -> bool (F, H, W) (white / bright = inside)."""
     return frames.amax(dim=1) > 127

@@ -96,6 +96,24 @@ def _white_fraction(frames: np.ndarray) -> float:
     return float((frames > 225).all(axis=-1).mean())
 
 
+def _check_reference_background(frames: np.ndarray, mode: str, report: RecordReport, options: ValidateOptions) -> None:
+    """Reference masks are drawn on the mode's reference background (SPEC §3): white in animation mode (the
+    reference's environment is kept), black in replacement mode; they reach the model as given."""
+    white = _white_fraction(frames)
+    if mode == "animation" and white == 0:
+        report.add(
+            "reference_mask",
+            "no white pixels in animation mode; animation-mode reference masks are drawn on white (the reference "
+            "background is kept): redraw the background white",
+        )
+    if mode == "replacement" and white > options.palette_tolerance:
+        report.add(
+            "reference_mask",
+            f"{white:.0%} white pixels in replacement mode; replacement-mode reference masks are drawn on black "
+            "(white is the driving side's environment switch)",
+        )
+
+
 def validate_record(record: MotionRecord, options: ValidateOptions = ValidateOptions()) -> RecordReport:
     """All checks of one parsed record."""
     report = RecordReport(record.id)
@@ -161,6 +179,7 @@ def validate_record(record: MotionRecord, options: ValidateOptions = ValidateOpt
         if ref_size is not None and tuple(ref_mask.shape[:2]) != tuple(ref_size):
             report.add("reference_mask", f"is {ref_mask.shape[0]}x{ref_mask.shape[1]} but the reference is {ref_size[0]}x{ref_size[1]}")
         _check_palette(ref_mask[None], "reference_mask", report, options)
+        _check_reference_background(ref_mask[None], record.mode, report, options)
     except VideoDecodeError as exc:
         report.add("reference_mask", f"{exc.reason}: {exc.detail}")
 

@@ -289,9 +289,9 @@ class SCAIL2Module(L.LightningModule):
         """Matmul FLOPs of the forward passes of one training step on this rank's batch (the model's own count;
         forward + backward is about 3x this)."""
         mb = self.motion_batch(batch)
-        n_ref = 1 + (0 if mb.extra_references is None else mb.extra_references.shape[1])
+        n_ref = 1 + mb.cond.num_extra_references
         b, _, t, h, w = mb.latents.shape
-        key = (b, n_ref, t, h, w, mb.text.shape[1], mb.clip_tokens.shape[1], type(batch).__name__)
+        key = (b, n_ref, t, h, w, mb.cond.text.shape[1], mb.cond.clip_tokens.shape[1], type(batch).__name__)
         if key not in self._flops_cache:
             assert self.net is not None
             # Only shapes matter: meta tensors of the packed layout.
@@ -300,7 +300,7 @@ class SCAIL2Module(L.LightningModule):
                 video=torch.empty(b, 20, t, h, w, device="meta"),
                 driving=torch.empty(b, 20, t, h // 2, w // 2, device="meta"),
             )
-            flops = self.net.flops_for_inputs(shapes, text_len=mb.text.shape[1], image_len=mb.clip_tokens.shape[1])
+            flops = self.net.flops_for_inputs(shapes, text_len=mb.cond.text.shape[1], image_len=mb.cond.clip_tokens.shape[1])
             self._flops_cache[key] = flops * self.forward_passes_per_step()
         return self._flops_cache[key]
 
@@ -318,7 +318,7 @@ class SCAIL2Module(L.LightningModule):
         mb = self.motion_batch(batch)
         assert self.net is not None
         pt, ph, pw = self.net.config.patch_size
-        n_ref = 1 + (0 if mb.extra_references is None else mb.extra_references.shape[1])
+        n_ref = 1 + mb.cond.num_extra_references
         b, _, t, h, w = mb.latents.shape
         per_frame = (h // ph) * (w // pw)
         return b * ((n_ref + t) // pt * per_frame + t // pt * per_frame // 4)

@@ -30,14 +30,13 @@ SYNTHETIC_WEIGHTS: dict[str, float] = {"animation": 0.6, "replacement": 0.2, "po
 def _videos_and_encoders(root: Path, synth: Any, encoders_seed: int) -> Path:
     """``<root>/videos``: the synthetic videos of ``synth`` (`SynthOptions`), and ``<root>/encoders``: the tiny
     encoders of ``encoders_seed``, each written when absent. Returns the videos' manifest."""
+    from scail2.data.synth import SYNTH_STAMP, ensure_dataset
     from scail2.encoders.tiny import ensure_tiny_encoders
 
-    manifest = root / "videos" / "manifest.jsonl"
-    if not manifest.exists():
-        from scail2.data.synth import generate_dataset
-
-        log.info("writing %d synthetic videos to %s", synth.pairs, manifest.parent)
-        generate_dataset(manifest.parent, synth)
+    videos = root / "videos"
+    if not (videos / SYNTH_STAMP).exists():
+        log.info("writing %d synthetic videos to %s", synth.pairs, videos)
+    manifest = ensure_dataset(videos, synth)  # refuses videos drawn by another version or with other settings
     ensure_tiny_encoders(root / "encoders", seed=encoders_seed)
     return manifest
 

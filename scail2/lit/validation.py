@@ -103,14 +103,15 @@ def load_vae(path: str | Path, device: torch.device) -> Any:
 @torch.no_grad()
 def sample_validation_latents(net: torch.nn.Module, batch: MotionBatch, cfg: ValidationConfig) -> torch.Tensor:
     """(B, 16, T, h, w) float32 latents denoised from noise seeded by ``cfg.seed`` (no history frames)."""
-    from scail2.pipeline.sampling import SamplingConditioning, sample_latents
+    from scail2.pipeline.sampling import sample_latents
     from scail2.pipeline.schedulers import make_scheduler
 
     generator = torch.Generator().manual_seed(cfg.seed)
     return sample_latents(
         net,
-        SamplingConditioning.from_batch(batch),
+        batch.cond,
         make_scheduler(cfg.scheduler, cfg.shift),
+        negative_text=batch.null_text,
         num_inference_steps=cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale,
         generator=generator,

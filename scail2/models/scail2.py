@@ -8,6 +8,12 @@ Only the video tokens go through the output head.
 
 The model takes packed tensors and RoPE factors from ``scail2.conditioning.packing.pack_inputs``; it never
 sees modes, pixels or strings.
+
+Initialisation (adaLN-Zero style): ``patch_embedding_mask``, the only path SCAIL-2 adds to the token embeddings,
+starts at zero (weight and bias), so a freshly built model does not depend on the colour masks and a backbone
+loaded into it computes exactly what it computed before. ``patch_embedding_pose`` is not an added path but the
+embedding of the driving tokens themselves (zero weights would make every driving token the same vector); it is
+initialised like ``patch_embedding`` (and copied from it by ``scail2_from_wan_i2v``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ class SCAIL2Transformer(WanModel):
         c = config
         self.patch_embedding_pose = nn.Conv3d(c.in_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.patch_embedding_mask = nn.Conv3d(c.mask_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
-        for conv in (self.patch_embedding_pose, self.patch_embedding_mask):
-            self._init_patch_conv(conv)
+        self._init_patch_conv(self.patch_embedding_pose)
+        nn.init.zeros_(self.patch_embedding_mask.weight)  # a new added path starts at zero (see the docstring)
+        nn.init.zeros_(self.patch_embedding_mask.bias)
 
     def forward(  # type: ignore[override]
         self,

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 
+from scail2.conditioning.batch import PreferenceBatch
 from scail2.conditioning.packing import history_mask
-from scail2.data.batch import MotionBatch, PreferenceBatch
 from scail2.objectives.flow_matching import FlowMatchingConfig, noisy_latents, predict_velocity, sample_sigma
 
 
@@ -62,34 +62,6 @@ class DPOOutput:
     sigma: torch.Tensor  # (B,)
 
 
-def _repeat_condition(b: MotionBatch, latents: torch.Tensor) -> MotionBatch:
-    """The winner's condition twice along the batch (winner then loser share it), with ``latents``."""
-
-    def two(x):
-        return None if x is None else torch.cat([x, x])
-
-    return replace(
-        b,
-        latents=latents,
-        reference=two(b.reference),
-        reference_mask=two(b.reference_mask),
-        driving=two(b.driving),
-        driving_mask=two(b.driving_mask),
-        text=two(b.text),
-        clip_tokens=two(b.clip_tokens),
-        mode=list(b.mode) * 2,
-        source=list(b.source) * 2,
-        history_allowed=two(b.history_allowed),
-        null_text=None,
-        hand_mask=None,
-        face_mask=None,
-        ocr_mask=two(b.ocr_mask),
-        extra_references=two(b.extra_references),
-        extra_reference_masks=two(b.extra_reference_masks),
-        end_to_end=two(b.end_to_end),
-    )
-
-
 def masked_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) mean over C*T*H*W of (mask * (pred - target))^2; masked zeros stay in the denominator."""
     return (mask * (pred.float() - target.float())).pow(2).mean(dim=(1, 2, 3, 4))
@@ -117,10 +89,10 @@ def dpo_loss(
     hist = history_mask(2 * b, t, False, device=device, dtype=x_w.dtype)
     sig2 = torch.cat([sigma, sigma])
     x_s = torch.cat([noisy_latents(x_w, noise, sigma, hist[:b]), noisy_latents(x_l, noise, sigma, hist[b:])])
-    both = _repeat_condition(w, torch.cat([x_w, x_l]))
+    both = w.cond.repeat(2)  # winner then loser: one condition
     target = torch.cat([noise - x_w, noise - x_l])
 
-    pred = predict_velocity(model, both, x_s, hist, sig2, both.text)
+    pred = predict_velocity(model, both, x_s, hist, sig2)
     with torch.no_grad():
         if reference is None:
             from scail2.lora import adapters_disabled
@@ -131,7 +103,7 @@ def dpo_loss(
         else:
             ctx = reference(model)
         with ctx as ref_model:
-            pred_ref = predict_velocity(ref_model, both, x_s, hist, sig2, both.text)
+            pred_ref = predict_velocity(ref_model, both, x_s, hist, sig2)
 
     hands = batch.hand_union().to(device)
     m = torch.cat([hands, hands])

@@ -13,12 +13,13 @@ dropout replaces the caption by the umT5 embedding of "" (not zeros) with probab
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from scail2.conditioning.batch import MotionBatch
+from scail2.conditioning.condition import Condition
 from scail2.conditioning.packing import history_mask, pack_inputs
-from scail2.data.batch import MotionBatch
 
 
 @dataclass(frozen=True)
@@ -71,23 +72,10 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, hi
     return history * x0 + (1 - history) * x_s
 
 
-def predict_velocity(model, batch: MotionBatch, x_s: torch.Tensor, hist: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """The model's velocity prediction for noisy latents ``x_s`` (packing + forward)."""
-    inputs = pack_inputs(
-        x_s,
-        hist,
-        batch.reference,
-        batch.reference_mask,
-        batch.driving,
-        batch.driving_mask,
-        batch.mode,
-        model.config.head_dim,
-        model.config.patch_size,
-        extra_references=batch.extra_references,
-        extra_reference_masks=batch.extra_reference_masks,
-        theta=model.config.rope_theta,
-    )
-    return model(**inputs.as_kwargs(), timestep=sigma * 1000.0, context=text, clip_tokens=batch.clip_tokens)
+def predict_velocity(model, cond: Condition, x_s: torch.Tensor, hist: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The model's velocity prediction for noisy latents ``x_s`` under ``cond`` (packing + forward)."""
+    inputs = pack_inputs(x_s, hist, cond, model.config.head_dim, model.config.patch_size, theta=model.config.rope_theta)
+    return model(**inputs.as_kwargs(), timestep=sigma * 1000.0, context=cond.text, clip_tokens=cond.clip_tokens)
 
 
 def loss_mask(batch: MotionBatch, hist: torch.Tensor, exclude_ocr: bool = True) -> torch.Tensor:
@@ -99,12 +87,14 @@ def loss_mask(batch: MotionBatch, hist: torch.Tensor, exclude_ocr: bool = True) 
 
 
 def choose_text(batch: MotionBatch, drop: torch.Tensor) -> torch.Tensor:
+    """(B, L, text_dim) the captions' embeddings, with umT5 of "" where ``drop`` (text dropout)."""
+    text = batch.cond.text
     if not drop.any():
-        return batch.text
+        return text
     if batch.null_text is None:
         raise ValueError("text dropout needs MotionBatch.null_text (umT5 of the empty caption); set text_dropout=0 to train without")
-    null = batch.null_text.expand_as(batch.text).to(batch.text)
-    return torch.where(drop.view(-1, 1, 1).to(batch.text.device), null, batch.text)
+    null = batch.null_text.expand_as(text).to(text)
+    return torch.where(drop.view(-1, 1, 1).to(text.device), null, text)
 
 
 def flow_matching_loss(
@@ -123,7 +113,7 @@ def flow_matching_loss(
 
     hist = history_mask(b, t, keep.to(device), device=device, dtype=x0.dtype)
     x_s = noisy_latents(x0, noise, sigma, hist)
-    pred = predict_velocity(model, batch, x_s, hist, sigma, choose_text(batch, drop))
+    pred = predict_velocity(model, replace(batch.cond, text=choose_text(batch, drop)), x_s, hist, sigma)
     target = noise - x0
     weight = loss_mask(batch, hist, cfg.exclude_ocr)
     per_sample = ((pred.float() - target.float()).pow(2) * weight).mean(dim=(1, 2, 3, 4))

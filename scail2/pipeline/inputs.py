@@ -12,15 +12,21 @@ Accepted forms (F frames, H x W pixels):
 - per-character masks: a bool (or 0/1) array/tensor (K, F, H, W) for the driving video and (K, H, W) or
   (K, 1, H, W) for the reference image, or lists of K file paths (white = inside).
 
-Resizing (the same as the training data path): resize to cover the target size, keeping the aspect ratio,
-then centre crop; images and videos use antialiased bilinear filtering (8-bit inputs are rounded back to
-8 bits), masks use nearest neighbour so palette colours stay exact. Mask inputs must have the size of the
-image or video they belong to, so that both go through the same crop.
+Resizing (the official inference's rule, SPEC §3, :func:`resize_cover`): resize to cover the target size
+with antialiased bicubic filtering (the side that fits is exact, the other is ``int(side * scale)``), then a
+centre crop at ``delta // 2``. Masks go through the same resize before they are thresholded. The reference
+image and mask are resized in floating point (the official code reads images as floats) and clamped to
+[-1, 1]; driving videos and mask videos stay 8-bit (rounded back, as the official code does with decoded
+frames). Mask inputs must have the
+size of the image or video they belong to, so that both go through the same crop. The training data fits clips
+differently on purpose (see ``docs/inference.md``).
 
-Masks (SPEC §3): either colour-coded masks (a reference mask image and a driving mask video), or per-character
-binary masks from which the colour masks are drawn (characters ordered left to right by their first-frame
-driving box, palette slot i for the i-th character, the same colour in the reference and the driving mask),
-or no masks for single-character animation, which uses all-black masks (see ``docs/inference.md``).
+Masks (SPEC §3): either colour-coded masks (a reference mask image and a driving mask video), used as given, or
+per-character binary masks from which the colour masks are drawn at the input size (characters ordered left to
+right by their first-frame driving box, palette slot i for the i-th character, the same colour in the reference
+and the driving mask, backgrounds per mode: `scail2.conditioning.masks.MASK_BACKGROUNDS`), or no masks for
+single-character animation, which conditions on the mode's backgrounds without characters (an all-white
+reference mask and an all-black driving mask; see ``docs/inference.md``).
 """
 
 from __future__ import annotations
@@ -35,14 +41,16 @@ from typing import Any
 import numpy as np
 import torch
 
+import torch.nn.functional as F
+
+from scail2.conditioning.condition import MODES
+from scail2.conditioning.encode import to_unit
 from scail2.conditioning.masks import (
-    ON_THRESHOLD,
     character_masks_to_colour,
     character_order,
     check_spatial_size,
     palette_violation_fraction,
 )
-from scail2.data.batch import MODES
 from scail2.pipeline.segments import OVERLAP_FRAMES, SEGMENT_FRAMES, SegmentPlan, plan_segments
 
 log = logging.getLogger(__name__)
@@ -209,23 +217,39 @@ def load_character_masks(masks: Any, what: str, single_frame: bool) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------- resizing
-def resize_cover(frames: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """Resize (F, C, H, W) frames to cover ``height x width`` (aspect ratio kept) and centre crop to it: the
-    training data's transform (`scail2.data.transforms.cover_box` + `crop_resize`), so inference inputs are
-    fitted exactly as training clips were.
+def cover_size(height: int, width: int, out_height: int, out_width: int) -> tuple[int, int]:
+    """The size a ``height x width`` frame is resized to before the centre crop to ``out_height x out_width``:
+    the side that fits the target exactly, the other ``int(side * scale)`` (the official
+    ``resize_for_rectangle_crop``; never below the target, which float rounding could otherwise give)."""
+    if width / height > out_width / out_height:
+        return out_height, max(out_width, int(width * out_height / height))
+    return max(out_height, int(height * out_width / width)), out_width
 
-    mode: "bilinear" (antialiased; images and videos) or "nearest" (masks: palette colours stay exact).
-    uint8 frames come back uint8 (rounded), float and bool frames in their dtype.
+
+def resize_cover(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize (F, C, H, W) frames to cover ``height x width`` and centre crop to it, as the official inference
+    does: antialiased bicubic resize to :func:`cover_size`, then the crop at ``(delta_h // 2, delta_w // 2)``.
+
+    uint8 frames are resized in float32 and come back uint8, clamped to 0..255 and rounded (torchvision's rule for
+    8-bit frames); float frames (in [-1, 1]) come back float32, clamped to [-1, 1]: bicubic filtering overshoots
+    at sharp edges, which the official code passes on and the VAE here refuses (clamping changes no mask
+    channel's on/off state). Frames already at the target size are returned unchanged.
     """
-    from scail2.data.transforms import cover_box, crop_resize
-
+    if frames.ndim != 4 or not (frames.dtype == torch.uint8 or frames.is_floating_point()):
+        raise PipelineInputError(
+            f"resize_cover takes uint8 or float (F, C, H, W) frames; got {frames.dtype} {tuple(frames.shape)}"
+        )
     _, _, h, w = frames.shape
-    return crop_resize(frames, cover_box(h, w, height, width), (height, width), mode)
-
-
-def to_unit(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 or float [-1, 1] frames -> float32 in [-1, 1]."""
-    return frames.float() / 127.5 - 1.0 if frames.dtype == torch.uint8 else frames.float()
+    if (h, w) == (height, width):
+        return frames
+    rh, rw = cover_size(h, w, height, width)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    out = []
+    for chunk in frames.split(_RESIZE_CHUNK):
+        x = F.interpolate(chunk.float(), size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
+        x = x[:, :, top : top + height, left : left + width]
+        out.append(x.clamp(0, 255).round().to(torch.uint8) if frames.dtype == torch.uint8 else x.clamp(-1.0, 1.0))
+    return torch.cat(out)
 
 
 def default_resolution(height: int, width: int, area: int = DEFAULT_AREA) -> tuple[int, int]:
@@ -236,13 +260,6 @@ def default_resolution(height: int, width: int, area: int = DEFAULT_AREA) -> tup
 
 
 # ------------------------------------------------------------------------------------------------- masks
-def white_to_black(mask: torch.Tensor) -> torch.Tensor:
-    """Turn white pixels (all three channels on) black: the reference mask is always black-background."""
-    unit = to_unit(mask)
-    white = (unit > ON_THRESHOLD).all(dim=-3, keepdim=True)
-    return unit.masked_fill(white, -1.0)
-
-
 def _check_palette(mask: torch.Tensor, what: str, tolerance: float) -> None:
     fractions = [palette_violation_fraction(to_unit(chunk)) * chunk.shape[0] for chunk in mask.split(_RESIZE_CHUNK)]
     fraction = sum(fractions) / mask.shape[0]
@@ -268,17 +285,21 @@ def _colour_video(masks: torch.Tensor, mode: str, order: list[int], reference: b
 class PreparedInputs:
     """Inputs at the target resolution, ready for ``SCAIL2Pipeline.generate``.
 
-    Frame tensors are (F, 3, H, W), uint8 (8-bit inputs, kept compact for long videos) or float32 in [-1, 1].
+    Frame tensors are (F, 3, H, W): the reference side float32 in [-1, 1], the driving side uint8 (8-bit inputs,
+    kept compact for long videos) or float32 in [-1, 1]. A mask of None means no characters: the mode's
+    background (``MASK_BACKGROUNDS``).
     """
 
     reference: torch.Tensor  # (3, H, W)
     driving: torch.Tensor  # (F, 3, H, W), the frames the segments cover (F = plan.segments[-1].stop)
-    reference_mask: torch.Tensor | None  # (3, H, W) colour mask, black background; None = all-black
-    driving_mask: torch.Tensor | None  # (F, 3, H, W) colour mask video; None = all-black
+    reference_mask: torch.Tensor | None  # (3, H, W) colour mask, used as given
+    driving_mask: torch.Tensor | None  # (F, 3, H, W) colour mask video
     mode: str
     plan: SegmentPlan
     fps: float
     character_order: list[int] | None = None  # palette slot i -> character index (per-character masks)
+    extra_references: torch.Tensor | None = None  # (n, 3, H, W) further reference images
+    extra_reference_masks: torch.Tensor | None = None  # (n, 3, H, W) their colour masks (None: backgrounds)
 
     @property
     def height(self) -> int:
@@ -303,6 +324,8 @@ def prepare_inputs(
     character_masks: Any = None,
     reference_character_masks: Any = None,
     order: str | Sequence[int] = "x",
+    extra_reference_images: Sequence[Any] | None = None,
+    extra_reference_masks: Sequence[Any] | None = None,
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
@@ -320,6 +343,9 @@ def prepare_inputs(
         character_masks, reference_character_masks: per-character binary masks (give both or neither), character
             k in both; ``order`` "x" (left to right in the first driving frame), "area", or an explicit
             permutation decides the palette slots.
+        extra_reference_images, extra_reference_masks: further reference images (multi-reference) and their colour
+            masks (one per image, or None for the mode's reference background), each of any size (resized like
+            the reference).
         height, width: output size, multiples of 32; default: the reference's aspect ratio at about 512 x 896.
         num_frames: use only the first ``num_frames`` driving frames.
         segment_frames, overlap_frames: long-video segments (``scail2.pipeline.segments``).
@@ -381,54 +407,26 @@ def prepare_inputs(
         )
     frames_out = plan.segments[-1].stop  # frames the segments cover (from frame 0)
 
-    ref_small = resize_cover(reference[None], height, width)[0]
+    # The reference side in floating point, the driving side in its own dtype (SPEC §3, official inference).
+    ref_small = resize_cover(to_unit(reference)[None], height, width)[0]
     drive_small = resize_cover(driving[:frames_out], height, width)
 
     ref_mask = drive_mask = None
     perm = None
     if any(colour_given):
-        rm = load_image(reference_mask, "reference mask")
-        dm, _ = load_video(driving_mask, "driving mask")
-        if dm.shape[0] != total:
-            raise PipelineInputError(
-                f"the driving mask has {dm.shape[0]} frames but the driving video has {total}; they must match "
-                "frame for frame"
-            )
-        _check_same_size(rm.shape[-2:], reference.shape[-2:], "reference mask", "reference image")
-        _check_same_size(dm.shape[-2:], driving.shape[-2:], "driving mask", "driving video")
-        rm = resize_cover(rm[None], height, width, mode="nearest")
-        dm = resize_cover(dm[:frames_out], height, width, mode="nearest")
-        _check_palette(rm, "reference mask", palette_tolerance)
-        _check_palette(dm, "driving mask", palette_tolerance)
-        ref_mask, drive_mask = white_to_black(rm)[0], dm
-        if not torch.equal(ref_mask, to_unit(rm)[0]):
-            log.info("the reference mask has white pixels; reference masks are black-background: read as black")
+        ref_mask, drive_mask = _colour_masks(
+            reference_mask, driving_mask, reference, driving, frames_out, height, width, palette_tolerance
+        )
     elif any(binary_given):
-        cm = load_character_masks(character_masks, "character masks", single_frame=False)
-        rcm = load_character_masks(reference_character_masks, "reference character masks", single_frame=True)
-        if cm.shape[0] != rcm.shape[0]:
-            raise PipelineInputError(
-                f"got {cm.shape[0]} driving character masks but {rcm.shape[0]} reference character masks; "
-                "give one of each per character, in the same order"
-            )
-        if cm.shape[1] != total:
-            raise PipelineInputError(
-                f"the character masks have {cm.shape[1]} frames but the driving video has {total}; they must "
-                "match frame for frame"
-            )
-        _check_same_size(cm.shape[-2:], driving.shape[-2:], "character masks", "driving video")
-        _check_same_size(rcm.shape[-2:], reference.shape[-2:], "reference character masks", "reference image")
-        cm = resize_cover(cm[:, :frames_out], height, width, mode="nearest")  # (K, F, H, W): frames as channels
-        rcm = resize_cover(rcm, height, width, mode="nearest")
-        try:
-            perm = character_order(cm, order) if isinstance(order, str) else [int(i) for i in order]
-            drive_mask = _colour_video(cm, mode, perm)
-            ref_mask = to_unit(_colour_video(rcm, mode, perm, reference=True))[0]
-        except ValueError as exc:
-            raise PipelineInputError(str(exc)) from None
+        ref_mask, drive_mask, perm = _drawn_masks(
+            character_masks, reference_character_masks, reference, driving, frames_out, height, width, mode, order
+        )
+    extras, extra_masks = _extra_references(
+        extra_reference_images, extra_reference_masks, height, width, palette_tolerance
+    )
 
     return PreparedInputs(
-        reference=to_unit(ref_small),
+        reference=ref_small,
         driving=drive_small,
         reference_mask=ref_mask,
         driving_mask=drive_mask,
@@ -436,7 +434,88 @@ def prepare_inputs(
         plan=plan,
         fps=float(fps or video_fps or DEFAULT_FPS),
         character_order=perm,
+        extra_references=extras,
+        extra_reference_masks=extra_masks,
     )
+
+
+def _colour_masks(
+    reference_mask: Any, driving_mask: Any, reference: torch.Tensor, driving: torch.Tensor, frames_out: int,
+    height: int, width: int, tolerance: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given colour masks: loaded, checked against the palette at their own size, resized like their image."""
+    rm = load_image(reference_mask, "reference mask")
+    dm, _ = load_video(driving_mask, "driving mask")
+    if dm.shape[0] != driving.shape[0]:
+        raise PipelineInputError(
+            f"the driving mask has {dm.shape[0]} frames but the driving video has {driving.shape[0]}; they must "
+            "match frame for frame"
+        )
+    _check_same_size(rm.shape[-2:], reference.shape[-2:], "reference mask", "reference image")
+    _check_same_size(dm.shape[-2:], driving.shape[-2:], "driving mask", "driving video")
+    # Checked before resizing: bicubic filtering blends colours at every edge.
+    _check_palette(rm[None], "reference mask", tolerance)
+    _check_palette(dm[:frames_out], "driving mask", tolerance)
+    return resize_cover(to_unit(rm)[None], height, width)[0], resize_cover(dm[:frames_out], height, width)
+
+
+def _drawn_masks(
+    character_masks: Any, reference_character_masks: Any, reference: torch.Tensor, driving: torch.Tensor,
+    frames_out: int, height: int, width: int, mode: str, order: str | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Colour masks drawn from per-character masks at the input size (backgrounds per mode), then resized like
+    given colour masks; returns them and the palette order."""
+    total = driving.shape[0]
+    cm = load_character_masks(character_masks, "character masks", single_frame=False)
+    rcm = load_character_masks(reference_character_masks, "reference character masks", single_frame=True)
+    if cm.shape[0] != rcm.shape[0]:
+        raise PipelineInputError(
+            f"got {cm.shape[0]} driving character masks but {rcm.shape[0]} reference character masks; "
+            "give one of each per character, in the same order"
+        )
+    if cm.shape[1] != total:
+        raise PipelineInputError(
+            f"the character masks have {cm.shape[1]} frames but the driving video has {total}; they must "
+            "match frame for frame"
+        )
+    _check_same_size(cm.shape[-2:], driving.shape[-2:], "character masks", "driving video")
+    _check_same_size(rcm.shape[-2:], reference.shape[-2:], "reference character masks", "reference image")
+    cm = cm[:, :frames_out]
+    try:
+        perm = character_order(cm, order) if isinstance(order, str) else [int(i) for i in order]
+        drive_mask = _colour_video(cm, mode, perm)  # (F, 3, H, W) uint8 at the input size
+        ref_mask = character_masks_to_colour(rcm, mode, perm, reference=True)  # (1, 3, H, W) in {-1, 1}
+    except ValueError as exc:
+        raise PipelineInputError(str(exc)) from None
+    return resize_cover(ref_mask, height, width)[0], resize_cover(drive_mask, height, width), perm
+
+
+def _extra_references(
+    images: Sequence[Any] | None, masks: Sequence[Any] | None, height: int, width: int, tolerance: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Extra reference images (n, 3, H, W) float32 and their colour masks (or None), resized like the reference."""
+    if images is None:
+        if masks is not None:
+            raise PipelineInputError("extra_reference_masks need extra_reference_images (one mask per image)")
+        return None, None
+    images = list(images)
+    masks = None if masks is None else list(masks)
+    if not images:
+        raise PipelineInputError("extra_reference_images is empty; pass None for no extra references")
+    if masks is not None and len(masks) != len(images):
+        raise PipelineInputError(
+            f"got {len(masks)} extra reference masks for {len(images)} extra reference images; give one per image"
+        )
+    out, out_masks = [], []
+    for i, source in enumerate(images):
+        image = load_image(source, f"extra reference image {i}")
+        out.append(resize_cover(to_unit(image)[None], height, width)[0])
+        if masks is not None:
+            mask = load_image(masks[i], f"extra reference mask {i}")
+            _check_same_size(mask.shape[-2:], image.shape[-2:], f"extra reference mask {i}", f"extra reference image {i}")
+            _check_palette(mask[None], f"extra reference mask {i}", tolerance)
+            out_masks.append(resize_cover(to_unit(mask)[None], height, width)[0])
+    return torch.stack(out), torch.stack(out_masks) if masks is not None else None
 
 
 def _check_same_size(got: Sequence[int], want: Sequence[int], what: str, other: str) -> None:

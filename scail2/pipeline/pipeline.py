@@ -8,10 +8,12 @@ encoder (with its preprocessing) and a diffusers flow-matching scheduler (UniPC 
     out = pipe("ref.png", "driving.mp4", prompt="a woman dancing", seed=0, height=512, width=896)
     out.save("out.mp4")
 
-One call: load and check the inputs (``scail2.pipeline.inputs``), encode the prompt and the negative prompt
-(umT5), the reference (VAE latent + CLIP tokens) and its mask once, then for every segment of the driving video
-(``scail2.pipeline.segments``) encode the driving frames at half resolution and their masks, denoise with
-:func:`scail2.pipeline.sampling.sample_latents`, decode, and pass the last decoded frames on as clean history.
+One call: load and check the inputs (``scail2.pipeline.inputs``), encode the first segment's conditioning with
+:func:`scail2.conditioning.encode.encode_condition` (the function the latent cache of the training data uses:
+prompt, reference latent, CLIP tokens, masks, half-resolution driving latent) and the negative prompt, then for
+every segment of the driving video (``scail2.pipeline.segments``) encode its driving frames and masks, denoise
+with :func:`scail2.pipeline.sampling.sample_latents`, decode, and pass the last decoded frames on as clean
+history.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ import logging
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from scail2.conditioning.masks import LATENT_MASK_CHANNELS, driving_mask_to_latent, reference_mask_to_latent
-from scail2.pipeline.inputs import PreparedInputs, prepare_inputs, to_unit
+from scail2.conditioning.condition import Condition
+from scail2.conditioning.encode import encode_caption, encode_condition, encode_driving
+from scail2.pipeline.inputs import PreparedInputs, prepare_inputs
 from scail2.pipeline.layout import COMPONENTS, check_folder, write_index
-from scail2.pipeline.sampling import SamplingConditioning, sample_latents
+from scail2.pipeline.sampling import sample_latents
 from scail2.pipeline.schedulers import check_flow_scheduler, load_scheduler, make_scheduler, scheduler_shift, with_shift
 from scail2.pipeline.segments import SegmentPlan
 
@@ -329,23 +332,50 @@ class SCAIL2Pipeline:
                 torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------ encoding
+    @property
+    def encoders(self) -> Any:
+        """The VAE, text and image encoders as an ``Encoders`` bundle (what the latent cache encodes with)."""
+        from scail2.encoders.bundle import Encoders
+
+        return Encoders(self.vae, self.text_encoder, self.image_encoder)
+
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """umT5 embeddings (B, 512, text_dim) on the execution device."""
-        with self._on_device(self.text_encoder):
-            return self.text_encoder.encode(prompts).to(self.device)
+        """umT5 embeddings (B, 512, text_dim) float32 on the execution device."""
+        return torch.cat([encode_caption(self.encoders, p, place=self._on_device, device=self.device) for p in prompts])
 
-    def encode_reference(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3, H, W) in [-1, 1] -> VAE latent (1, 16, 1, H/8, W/8) and CLIP tokens (1, N, image_dim)."""
-        with self._on_device(self.image_encoder):
-            clip_tokens = self.image_encoder.encode(image[None]).to(self.device)
-        with self._on_device(self.vae):
-            latent = self.vae.encode(image[None, :, None]).to(self.device)
-        return latent, clip_tokens
+    def encode_condition(self, inputs: PreparedInputs, prompt: str = "", segment: int = 0) -> Condition:
+        """The conditioning (batch of one, float32 on the execution device) of one segment of prepared inputs:
+        :func:`scail2.conditioning.encode.encode_condition` on the prompt, the reference (and extra references)
+        with their masks, and the segment's driving frames with their masks."""
+        frames = inputs.plan.segments[segment]
+        mask = inputs.driving_mask
+        return encode_condition(
+            self.encoders,
+            reference=inputs.reference,
+            reference_mask=inputs.reference_mask,
+            driving=inputs.driving[frames.start : frames.stop],
+            driving_mask=None if mask is None else mask[frames.start : frames.stop],
+            caption=prompt,
+            mode=inputs.mode,
+            extra_references=inputs.extra_references,
+            extra_reference_masks=inputs.extra_reference_masks,
+            place=self._on_device,
+            device=self.device,
+        )
 
-    def encode_driving(self, frames: torch.Tensor) -> torch.Tensor:
-        """(F, 3, H, W) in [-1, 1] -> (1, 16, T, H/16, W/16): 0.5x bilinear, then the VAE."""
-        with self._on_device(self.vae):
-            return self.vae.encode_driving(frames.transpose(0, 1)[None]).to(self.device)
+    def segment_condition(self, cond: Condition, inputs: PreparedInputs, segment: int) -> Condition:
+        """``cond`` with the driving latents and masks of another segment (reference and text are shared)."""
+        frames = inputs.plan.segments[segment]
+        mask = inputs.driving_mask
+        driving, driving_mask = encode_driving(
+            self.encoders,
+            inputs.driving[frames.start : frames.stop],
+            None if mask is None else mask[frames.start : frames.stop],
+            inputs.mode,
+            place=self._on_device,
+            device=self.device,
+        )
+        return replace(cond, driving=driving, driving_mask=driving_mask)
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W) in [-1, 1] -> (1, 16, T, H/8, W/8) (history frames of long videos)."""
@@ -361,8 +391,10 @@ class SCAIL2Pipeline:
     # ------------------------------------------------------------------------------------------ sampling
     def sample_latents(
         self,
-        cond: SamplingConditioning,
+        cond: Condition,
         *,
+        negative_text: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
         num_inference_steps: int = 40,
         guidance_scale: float = 5.0,
         shift: float | None = None,
@@ -380,6 +412,8 @@ class SCAIL2Pipeline:
                 self.transformer,
                 cond,
                 scheduler,
+                negative_text=negative_text,
+                history=history,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generator,
@@ -428,47 +462,26 @@ class SCAIL2Pipeline:
             seed = secrets.randbits(31) if seed is None else int(seed)
             generator = torch.Generator().manual_seed(seed)
 
-        device = self.device
         use_cfg = guidance_scale != 1.0
-        text = self.encode_prompt([prompt])
+        cond = self.encode_condition(inputs, prompt)
         negative = self.encode_prompt([negative_prompt]) if use_cfg else None
-        ref_latent, clip_tokens = self.encode_reference(inputs.reference)
-        _, _, _, h, w = ref_latent.shape
-        if inputs.reference_mask is None:
-            # All-black: no character binding and no environment switch (single-character animation).
-            ref_mask = torch.zeros(1, LATENT_MASK_CHANNELS, 1, h, w, device=device)
-        else:
-            ref_mask = reference_mask_to_latent(inputs.reference_mask)[None].to(device)
 
         plan = inputs.plan
         history = None
         frames_out: list[np.ndarray | torch.Tensor] = []
         segment_latents = []
-        for index, segment in enumerate(plan.segments):
-            driving = self.encode_driving(to_unit(inputs.driving[segment.start : segment.stop]))
-            t = driving.shape[2]
-            if inputs.driving_mask is None:
-                drive_mask = torch.zeros(1, LATENT_MASK_CHANNELS, t, h // 2, w // 2, device=device)
-            else:
-                mask_frames = to_unit(inputs.driving_mask[segment.start : segment.stop])
-                drive_mask = driving_mask_to_latent(mask_frames)[None].to(device)
-            cond = SamplingConditioning(
-                reference=ref_latent,
-                reference_mask=ref_mask,
-                driving=driving,
-                driving_mask=drive_mask,
-                text=text,
-                clip_tokens=clip_tokens,
-                modes=[inputs.mode],
-                negative_text=negative,
-                history=history,
-            )
+        for index in range(len(plan.segments)):
+            segment = plan.segments[index]
+            if index > 0:
+                cond = self.segment_condition(cond, inputs, index)
             offset = index * num_inference_steps
             callback = None
             if callback_on_step_end is not None:
                 callback = lambda i, ts, z, offset=offset: callback_on_step_end(self, offset + i, ts, z)  # noqa: E731
             latents = self.sample_latents(
                 cond,
+                negative_text=negative,
+                history=history,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 shift=shift,
@@ -498,6 +511,8 @@ class SCAIL2Pipeline:
         character_masks: Any = None,
         reference_character_masks: Any = None,
         character_order: str | list[int] = "x",
+        extra_reference_images: list[Any] | None = None,
+        extra_reference_masks: list[Any] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
@@ -528,6 +543,8 @@ class SCAIL2Pipeline:
             character_masks=character_masks,
             reference_character_masks=reference_character_masks,
             order=character_order,
+            extra_reference_images=extra_reference_images,
+            extra_reference_masks=extra_reference_masks,
             height=height,
             width=width,
             num_frames=num_frames,

@@ -24,7 +24,7 @@ from tests.data.helpers import synth_dataset, tiny_encoders, tiny_encoders_dir, 
 BUCKET = Bucket(9, 64, 64)
 # Every random path on: forward pairs, swaps, crops, skeleton scaling.
 BUSY = AugmentOptions(forward_fraction=0.5, swap_p_end_to_end=0.5, swap_p_pose=0.5, crop_p=0.7, skeleton_scale_p=0.7)
-TENSORS = ("latents", "reference", "reference_mask", "driving", "driving_mask", "text", "clip_tokens", "null_text")
+COND = ("reference", "reference_mask", "driving", "driving_mask", "text", "clip_tokens")
 
 
 @pytest.fixture(autouse=True)
@@ -53,23 +53,45 @@ def test_cache_round_trip_equals_raw_path(tmp_path):
     a, b = batches(raw), batches(cached)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        assert x.meta["ids"] == y.meta["ids"] and x.source == y.source and x.mode == y.mode
+        assert x.meta["ids"] == y.meta["ids"] and x.source == y.source and x.cond.modes == y.cond.modes
         assert x.meta["swapped"] == y.meta["swapped"] and x.meta["forward"] == y.meta["forward"]
-        for name in TENSORS:
-            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert torch.equal(x.latents, y.latents) and torch.equal(x.null_text, y.null_text)
+        for name in COND:
+            assert torch.equal(getattr(x.cond, name), getattr(y.cond, name)), name
+        assert x.cond == y.cond
         for name in ("hand_mask", "face_mask", "ocr_mask", "history_allowed", "end_to_end"):
             u, v = getattr(x, name), getattr(y, name)
             assert (u is None and v is None) or torch.equal(u, v), name
     batch = a[0]
-    assert batch.latents.shape == (2, 16, 3, 8, 8) and batch.driving.shape == (2, 16, 3, 4, 4)
-    assert batch.driving_mask.shape == (2, 28, 3, 4, 4) and batch.reference_mask.shape == (2, 28, 1, 8, 8)
-    assert batch.text.shape[1] == 512 and batch.null_text.shape[0] == 1
+    assert batch.latents.shape == (2, 16, 3, 8, 8) and batch.cond.driving.shape == (2, 16, 3, 4, 4)
+    assert batch.cond.driving_mask.shape == (2, 28, 3, 4, 4) and batch.cond.reference_mask.shape == (2, 28, 1, 8, 8)
+    assert batch.cond.text.shape[1] == 512 and batch.null_text.shape[0] == 1
     # Text rows are stored trimmed: the shard holds far fewer than 512 rows per caption.
     index = CacheIndex.load(tmp_path / "cache")
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "cache" / index.shards[0]), "pt") as fh:
         assert fh.get_slice("s0/text").get_shape()[0] < 40
+
+
+def test_caches_of_another_version_or_kind_are_refused(tmp_path):
+    import json
+
+    build_cache(_records(1), tmp_path / "cache", tiny_encoders(), [BUCKET], seed=0, dtype="float32", progress=False)
+    data = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert (data["kind"], data["version"]) == ("motion", 2)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "cache", old)
+    # A cache built with the old reference-mask rule (version 1, before the index had a kind).
+    (old / "index.json").write_text(json.dumps({k: v for k, v in {**data, "version": 1}.items() if k != "kind"}))
+    for build in (lambda: LatentCacheDataset(old), lambda: build_cache(_records(1), old, tiny_encoders(), [BUCKET], seed=0,
+                                                                       dtype="float32", progress=False)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"cache version 1; this code reads version 2 .* rebuild it .* new folder"):
+            build()
+    # A preference cache given where a motion cache is read: a clear message, not a KeyError.
+    (old / "index.json").write_text(json.dumps({**data, "kind": "preference"}))
+    with pytest.raises(ValueError, match="is a preference cache, not a motion latent cache; train DPO on it with data=preference"):
+        MotionDataModule(cache_dir=old).build_dataset()
 
 
 def test_cache_resumes_after_interruption(tmp_path, monkeypatch):
@@ -172,8 +194,16 @@ def test_forward_orientation_swaps_target_and_driving():
     assert torch.equal(sample.drivings["driving"][0], fitted(record.target))  # the real video drives
     assert torch.equal(sample.drivings["driving"][1], fitted(record.target_mask))
     assert torch.equal(sample.reference, fitted(record.driving)[2])
+    # The reference mask is the synthetic video's mask frame, redrawn on the reference background of the mode.
+    from scail2.conditioning.masks import video_mask_to_reference
+
+    driving_mask = crop_resize(torch.from_numpy(read_video(record.driving_mask, idx)).permute(0, 3, 1, 2), box, (64, 64), "nearest")
+    assert torch.equal(sample.reference_mask, video_mask_to_reference(driving_mask[2], record.mode))
     reverse = load_pixel_sample(record, BUCKET, dataclasses.replace(choices, forward=False))
     assert torch.equal(reverse.target, fitted(record.target))
+    target_mask = crop_resize(torch.from_numpy(read_video(record.target_mask, idx)).permute(0, 3, 1, 2), box, (64, 64), "nearest")
+    assert torch.equal(reverse.reference_mask, video_mask_to_reference(target_mask[2], record.mode))
+    assert not torch.equal(reverse.reference_mask, target_mask[2])  # the background did change
 
 
 def test_skeleton_scaling_keeps_render_inside_its_mask():
@@ -218,5 +248,5 @@ def test_datamodule_raw_path(tmp_path):
         samples_per_epoch=2,
     )
     batch = next(iter(dm.train_dataloader()))
-    assert batch.batch_size == 2 and set(batch.mode) <= {"animation", "replacement"}
+    assert batch.batch_size == 2 and set(batch.cond.modes) <= {"animation", "replacement"}
     assert batch.null_text is not None and dm.state_dict()["loader"]["batches_done"] == 1

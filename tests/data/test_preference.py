@@ -276,8 +276,10 @@ def test_raw_and_cached_batches_agree_and_resume(built, cache):
     cached = PreferenceCacheDataset(cache)
     for i in range(PAIRS):
         a, b = collate_preferences([raw[SampleKey(i, 7)]]), collate_preferences([cached[SampleKey(i, 7)]])
-        for name in ("latents", "reference", "reference_mask", "driving", "driving_mask", "text", "clip_tokens", "hand_mask"):
+        for name in ("latents", "hand_mask"):
             assert torch.allclose(getattr(a.winner, name), getattr(b.winner, name), atol=1e-6), name
+        for name in ("reference", "reference_mask", "driving", "driving_mask", "text", "clip_tokens"):
+            assert torch.allclose(getattr(a.winner.cond, name), getattr(b.winner.cond, name), atol=1e-6), name
         assert torch.allclose(a.loser_latents, b.loser_latents, atol=1e-6) and torch.equal(a.loser_hand_mask, b.loser_hand_mask)
         assert a.winner.meta["ids"] == b.winner.meta["ids"] == [records[i].id]
 
@@ -290,10 +292,10 @@ def test_raw_and_cached_batches_agree_and_resume(built, cache):
     assert len(batches) == 4
     b = batches[0]
     assert b.winner.latents.shape == b.loser_latents.shape == (2, 16, 3, 8, 8)
-    assert b.winner.driving.shape == (2, 16, 3, 4, 4) and b.winner.driving_mask.shape == (2, 28, 3, 4, 4)
-    assert b.winner.reference_mask.shape == (2, 28, 1, 8, 8) and b.winner.null_text.shape[0] == 1
+    assert b.winner.cond.driving.shape == (2, 16, 3, 4, 4) and b.winner.cond.driving_mask.shape == (2, 28, 3, 4, 4)
+    assert b.winner.cond.reference_mask.shape == (2, 28, 1, 8, 8) and b.winner.null_text.shape[0] == 1
     assert b.winner.hand_mask.shape == b.loser_hand_mask.shape == (2, 1, 3, 8, 8)
-    assert not b.winner.history_allowed.any() and b.winner.mode == ["animation"] * 2
+    assert not b.winner.history_allowed.any() and b.winner.cond.modes == ["animation"] * 2
     # Resume after two batches: the rest is identical.
     dm, loader = module()
     it = iter(loader)

@@ -9,7 +9,7 @@ import pytest
 
 from scail2.data.cli import main
 from scail2.data.manifest import load_manifest
-from scail2.data.synth import SYNTH_SOURCES, SynthOptions, generate_dataset
+from scail2.data.synth import SYNTH_SOURCES, SYNTH_STAMP, SYNTH_VERSION, SynthOptions, ensure_dataset, generate_dataset
 from scail2.data.video import read_image, read_video
 from tests.data.helpers import synth_dataset, tiny_encoders_dir, torch_threads
 
@@ -44,10 +44,10 @@ def test_hand_boxes_and_reference_mask_match_the_pixels():
     for r in records:
         target = read_video(r.target)
         if isinstance(r.reference, int):
-            # The reference mask marks the character(s) of the reference frame: those pixels differ from the
-            # (black) background of the mask, and they sit on the drawn figure, not on the background.
+            # The reference mask marks the character(s) of the reference frame in a palette colour.
             ref_mask = read_image(r.reference_mask)
-            assert (ref_mask > 225).any(axis=-1).sum() > 10
+            colour = (ref_mask > 225).any(axis=-1) & ~(ref_mask > 225).all(axis=-1)
+            assert colour.sum() > 10
         if r.hands is None:
             continue
         for f, boxes in enumerate(r.hands.boxes):
@@ -59,6 +59,48 @@ def test_hand_boxes_and_reference_mask_match_the_pixels():
                         assert read_video(r.target_mask, [f])[0, cy, cx].max() > 225
                     checked += 1
     assert checked > 10
+
+
+def test_masks_are_drawn_on_the_official_backgrounds():
+    # White marks the side whose environment is kept: animation = reference on white, driving (and target) on
+    # black; replacement = reference on black, driving on white. Every other pixel is a character colour.
+    import torch
+
+    from scail2.conditioning.masks import video_mask_to_reference
+
+    records = load_manifest(synth_dataset(pairs=10, frames=9))
+    for r in records:
+        ref = read_image(r.reference_mask)
+        white, black = (ref > 225).all(axis=-1), (ref <= 225).all(axis=-1)
+        videos = [read_video(r.driving_mask)] + ([read_video(r.target_mask)] if r.target_mask is not None else [])
+        if r.mode == "animation":
+            assert white.mean() > 0.3 and not black.any(), r.id
+            assert all(not (v > 225).all(axis=-1).any() for v in videos), r.id
+        else:
+            assert black.mean() > 0.3 and not white.any(), r.id
+            assert all((v > 225).all(axis=-1).mean() > 0.3 for v in videos), r.id
+        if isinstance(r.reference, int) and r.target_mask is not None:
+            # A target frame's reference mask is that frame's target mask, redrawn on the reference background.
+            frame = torch.from_numpy(read_video(r.target_mask, [r.reference])[0]).permute(2, 0, 1)
+            assert np.array_equal(video_mask_to_reference(frame, r.mode).permute(1, 2, 0).numpy(), ref), r.id
+    assert {r.mode for r in records} == {"animation", "replacement"}
+
+
+def test_ensure_dataset_refuses_other_versions_and_options(tmp_path):
+    options = SynthOptions(pairs=2, frames=5, sizes=((32, 32),), seed=1)
+    manifest = ensure_dataset(tmp_path / "videos", options)
+    stamp = json.loads((tmp_path / "videos" / SYNTH_STAMP).read_text())
+    assert stamp["version"] == SYNTH_VERSION == 2 and stamp["pairs"] == 2 and stamp["sizes"] == [[32, 32]]
+    before = manifest.read_text()
+    assert ensure_dataset(tmp_path / "videos", options) == manifest and manifest.read_text() == before
+    with pytest.raises(ValueError, match=r"other settings \(pairs: 2 there, 3 here\); delete"):
+        ensure_dataset(tmp_path / "videos", SynthOptions(pairs=3, frames=5, sizes=((32, 32),), seed=1))
+    (tmp_path / "videos" / SYNTH_STAMP).write_text(json.dumps({**stamp, "version": 1}))
+    with pytest.raises(ValueError, match="version: 1 there, 2 here"):
+        ensure_dataset(tmp_path / "videos", options)
+    (tmp_path / "videos" / SYNTH_STAMP).unlink()  # a dataset drawn before the stamp existed
+    with pytest.raises(ValueError, match="without synth.json, drawn by an older version"):
+        ensure_dataset(tmp_path / "videos", options)
 
 
 def test_options_are_checked():

@@ -67,3 +67,20 @@ def test_a_root_made_with_other_settings_is_refused(tmp_path):
     (tmp_path / "other" / "videos").mkdir()
     with pytest.raises(ValueError, match="has no settings.json"):
         _module(tmp_path / "other")._check_settings()
+
+
+def test_synthetic_videos_drawn_by_an_older_version_are_refused(tmp_path):
+    # Videos drawn before synth.json existed (reference masks on black in every mode) must not be encoded
+    # again under the current mask rule: both data modules refuse them and say what to delete.
+    from scail2.lit.data import SyntheticDataModule
+
+    for name, module in (("motion", lambda root: SyntheticDataModule(str(root), pairs=2, frames=5, height=32, width=32)),
+                         ("preference", _module)):  # fmt: skip
+        root = tmp_path / name
+        if name == "preference":
+            module(root)._check_settings()  # an old root recorded the same settings
+        (root / "videos").mkdir(parents=True)
+        (root / "videos" / "manifest.jsonl").write_text("")
+        with pytest.raises(ValueError, match="without synth.json, drawn by an older version .* delete"):
+            module(root).prepare_data()
+        assert not (root / "encoders").exists()  # refused before anything else is written

@@ -16,7 +16,6 @@ from scail2.data.transforms import (
     region_to_latent,
     resampled_length,
     transform_boxes,
-    white_to_black,
 )
 
 
@@ -109,15 +108,7 @@ def test_region_to_latent_groups_frames_like_the_vae():
         region_to_latent(torch.zeros(8, 16, 16))
 
 
-def test_white_to_black_only_touches_white():
-    m = torch.tensor([[255, 255, 255], [255, 0, 0], [230, 240, 250], [0, 0, 0]], dtype=torch.uint8).T[:, None]  # (3,1,4)
-    out = white_to_black(m)
-    assert out[:, 0].T.tolist() == [[0, 0, 0], [255, 0, 0], [0, 0, 0], [0, 0, 0]]
-
-
-def test_crop_resize_keeps_float_and_bool_and_is_the_pipeline_transform():
-    from scail2.pipeline.inputs import resize_cover
-
+def test_crop_resize_keeps_float_and_bool():
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (3, 3, 48, 80), generator=g, dtype=torch.uint8)
     box = cover_box(48, 80, 32, 32)
@@ -130,5 +121,10 @@ def test_crop_resize_keeps_float_and_bool_and_is_the_pipeline_transform():
     assert out.dtype == torch.bool and torch.equal(out, crop_resize(masks.to(torch.uint8), box, (32, 32), mode="nearest").bool())
     with pytest.raises(ValueError, match="nearest"):
         crop_resize(masks, box, (32, 32))
-    # Inference fits its inputs with the same transform as the training clips.
-    assert torch.equal(resize_cover(frames, 32, 32), crop_resize(frames, box, (32, 32)))
+    # Inference fits its inputs another way on purpose (the official bicubic resize-then-crop,
+    # docs/inference.md): the same centred window, another filter.
+    from scail2.pipeline.inputs import resize_cover
+
+    inference = resize_cover(frames, 32, 32)
+    assert not torch.equal(inference, crop_resize(frames, box, (32, 32)))
+    assert (inference.float() - crop_resize(frames, box, (32, 32)).float()).abs().mean() < 40

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from scail2.data.cli import main
-from scail2.data.video import read_video, write_image, write_video
+from scail2.data.video import read_image, read_video, write_image, write_video
 from tests.data.helpers import synth_dataset
 
 
@@ -46,6 +46,9 @@ def broken_manifest(tmp_path_factory):
     white_bg = mask.copy()
     white_bg[(mask < 30).all(axis=-1)] = 255
     write_image(folder / "small_mask.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    black_ref = read_image(root / base["reference_mask"]).copy()  # the old rule: an animation reference on black
+    black_ref[(black_ref > 225).all(axis=-1)] = 0
+    write_image(folder / "black_ref.png", black_ref)
 
     def bad(name, **changes):
         record = {**base, "id": name, **changes}
@@ -62,6 +65,7 @@ def broken_manifest(tmp_path_factory):
         "wrong_background": (bad("wrong_background", driving_mask=video("white.mp4", white_bg, True)), "driving_mask", "animation mode"),
         "reference_range": (bad("reference_range", reference=50), "reference", "past the end"),
         "reference_mask_size": (bad("reference_mask_size", reference_mask="bad/small_mask.png"), "reference_mask", "32x32"),
+        "black_reference_mask": (bad("black_reference_mask", reference_mask="bad/black_ref.png"), "reference_mask", "drawn on white"),
         "hand_frames": (bad("hand_frames", hands=[[[1, 1, 4, 4]]] * 3), "hands", "3 frames"),
         "fps_mismatch": (bad("fps_mismatch", fps=30), "target", "fps=30"),
         "frames_meta": (bad("frames_meta", frames=81), "frames", "record says 81"),
