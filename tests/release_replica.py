@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import struct
 import types
 from pathlib import Path
@@ -280,6 +281,38 @@ def wan_clip_file_state(visual: WanVisionTransformer, text_dim: int = 8) -> dict
     state["textual.head.0.weight"] = torch.randn(text_dim, text_dim, generator=g)
     state["log_scale"] = torch.tensor(math.log(1 / 0.07))
     return state
+
+
+def wan_vae_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKLWan key names -> the original Wan2.1 VAE names (test-only inverse of the converter)."""
+    inner = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
+    inner["conv_shortcut"] = "shortcut"
+    rules = [
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(\w+)\.(\w+)",
+         lambda m: f"{m[1]}.middle.{2 * int(m[2])}.{inner[m[3]]}.{m[4]}"),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", lambda m: f"{m[1]}.middle.1.{m[2]}"),
+        (r"encoder\.down_blocks\.(\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.(\w+)",
+         lambda m: f"encoder.downsamples.{m[1]}.{inner[m[2]]}.{m[3]}"),
+        (r"encoder\.down_blocks\.(\d+)\.(.+)", lambda m: f"encoder.downsamples.{m[1]}.{m[2]}"),
+        (r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(\w+)\.(\w+)",
+         lambda m: f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{inner[m[3]]}.{m[4]}"),
+        (r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.+)", lambda m: f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"),
+        (r"(encoder|decoder)\.conv_in\.(\w+)", lambda m: f"{m[1]}.conv1.{m[2]}"),
+        (r"(encoder|decoder)\.norm_out\.gamma", lambda m: f"{m[1]}.head.0.gamma"),
+        (r"(encoder|decoder)\.conv_out\.(\w+)", lambda m: f"{m[1]}.head.2.{m[2]}"),
+        (r"quant_conv\.(\w+)", lambda m: f"conv1.{m[1]}"),
+        (r"post_quant_conv\.(\w+)", lambda m: f"conv2.{m[1]}"),
+    ]
+    out = {}
+    for key, value in state.items():
+        for pattern, rename in rules:
+            match = re.fullmatch(pattern, key)
+            if match:
+                out[rename(match)] = value
+                break
+        else:
+            raise AssertionError(f"no rule for {key}")
+    return out
 
 
 def randomize_norms_(module: nn.Module, seed: int = 0) -> nn.Module:
