@@ -75,10 +75,19 @@ class Encoders:
             "image_encoder": image_encoder_path,
             "image_processor": image_processor_path,
         }
-        missing_root = [name for name, p in paths.items() if p is None]
+        # A single Wan CLIP file brings Wan's preprocessing; a processor folder is used only when given or present.
+        wan_clip = image_encoder_path is not None and Path(image_encoder_path).is_file()
+        optional = {"image_processor"} if wan_clip else set()
+        missing_root = [name for name, p in paths.items() if p is None and name not in optional]
         if root is None and missing_root:
             raise ValueError(f"no root folder given and no path for {missing_root}; pass root= or those paths")
-        resolved = {name: Path(p) if p is not None else Path(root) / name for name, p in paths.items()}
+        resolved: dict[str, Path | None] = {
+            name: Path(p) if p is not None else (Path(root) / name if root is not None else None)
+            for name, p in paths.items()
+        }
+        processor = resolved["image_processor"]
+        if wan_clip and image_processor_path is None and (processor is None or not processor.is_dir()):
+            resolved["image_processor"] = None
 
         specs = {
             "vae": VAE_FILES,
@@ -87,10 +96,6 @@ class Encoders:
             "image_encoder": IMAGE_ENCODER_FILES,
             "image_processor": IMAGE_PROCESSOR_FILES,
         }
-        # A single Wan CLIP file brings Wan's preprocessing; a processor folder is used only when given or present.
-        wan_clip = resolved["image_encoder"].is_file()
-        if wan_clip and image_processor_path is None and not resolved["image_processor"].exists():
-            resolved["image_processor"] = None
         problems = []
         for name, spec in specs.items():
             path = resolved[name]
