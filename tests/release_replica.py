@@ -323,3 +323,56 @@ def randomize_norms_(module: nn.Module, seed: int = 0) -> nn.Module:
             if "norm" in name:
                 p.copy_(p + 0.2 * torch.randn(p.shape, generator=g))
     return module
+
+
+# ---------------------------------------------------------------------------------------------- LoRA files
+DPO_MODULES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+               "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")  # fmt: skip
+_SAT_OF_WAN = {
+    "self_attn.q": "attention.query_key_value.lora_layer.0",
+    "self_attn.k": "attention.query_key_value.lora_layer.1",
+    "self_attn.v": "attention.query_key_value.lora_layer.2",
+    "self_attn.o": "attention.dense.lora_layer",
+    "cross_attn.q": "cross_attention.query.lora_layer",
+    "cross_attn.k": "cross_attention.key_value.lora_layer.0",
+    "cross_attn.v": "cross_attention.key_value.lora_layer.1",
+    "cross_attn.o": "cross_attention.dense.lora_layer",
+    "ffn.0": "mlp.dense_h_to_4h.lora_layer",
+    "ffn.2": "mlp.dense_4h_to_h.lora_layer",
+}
+
+
+def random_lora_pairs(model: nn.Module, rank: int, seed: int = 0, modules=DPO_MODULES) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"blocks.N.<module>": (down (rank, in), up (out, rank))}`` for every block, non-zero both."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for i in range(len(model.blocks)):
+        for module in modules:
+            layer = model.get_submodule(f"blocks.{i}.{module}")
+            down = torch.randn(rank, layer.in_features, generator=g) / rank
+            up = torch.randn(layer.out_features, rank, generator=g) * 0.05
+            pairs[f"blocks.{i}.{module}"] = (down, up)
+    return pairs
+
+
+def save_sat_dpo_lora(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> Path:
+    """``model/bias-aware-dpo-lora.pt`` as SAT/DeepSpeed writes it: the LoRA factors under ``module`` with SAT
+    names (``model.diffusion_model.transformer.layers.N.<SAT module>.lora_layer[.i].{down,up}.weight``), the
+    iteration and a NumPy-1 RNG state."""
+    module = {}
+    for name, (down, up) in pairs.items():
+        _, block, wan = name.split(".", 2)
+        base = f"model.diffusion_model.transformer.layers.{block}.{_SAT_OF_WAN[wan]}"
+        module[f"{base}.down.weight"] = down
+        module[f"{base}.up.weight"] = up
+    return save_with_raw({"module": module, "iteration": 400, "np_rng_state": Raw(numpy1_rng_state(mt19937_key(7)))}, path)
+
+
+def merged_state(model: nn.Module, pairs, deltas=None, lora_scale: float = 1.0, delta_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The state dict the official fusion gives: ``W += s * up @ down``, ``t += s * delta``."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, (down, up) in pairs.items():
+        state[f"{name}.weight"] += lora_scale * (up @ down)
+    for name, delta in (deltas or {}).items():
+        state[name] += delta_scale * delta
+    return state

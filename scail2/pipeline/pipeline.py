@@ -49,8 +49,9 @@ class LoadedLoRA:
     path: Path
     scale: float
     merged: bool  # folded into the weights: cannot be unloaded
-    rank: int
+    rank: int  # 0 for a file of weight deltas only
     alpha: float
+    deltas: int = 0  # full-shape weight / bias deltas (``diff`` / ``diff_b``) applied with the adapter
 
 
 @dataclass
@@ -199,7 +200,10 @@ class SCAIL2Pipeline:
     ) -> "SCAIL2Pipeline":
         """Load a LoRA adapter into the transformer: a peft folder (``adapter_model.safetensors`` +
         ``adapter_config.json``) or a ComfyUI ``.safetensors`` file, as ``scail2.lora.save_lora`` writes them
-        (the DPO export's ``lora/`` and ``lora_comfyui.safetensors``).
+        (the DPO export's ``lora/`` and ``lora_comfyui.safetensors``); the same keys without the
+        ``diffusion_model.`` prefix; the released ``bias-aware-dpo-lora.pt`` (SAT container) as it is; and files
+        with ``diff`` / ``diff_b`` weight deltas such as the lightx2v step-distill LoRA (see ``scail2.lora``;
+        its sampling recipe: ``scail2.pipeline.presets``).
 
         Loading is strict: every adapter in the file must fit a layer of the transformer and every layer its
         pattern selects must have weights; anything else raises ``ValueError`` naming the file and what does not
@@ -211,7 +215,7 @@ class SCAIL2Pipeline:
 
         One adapter at a time: loading a second one raises; call :meth:`unload_lora` first.
         """
-        from scail2.lora import load_lora, lora_layers, merge_lora, set_lora_scale
+        from scail2.lora import load_lora, lora_layers, merge_lora, set_lora_scale, weight_deltas
 
         if self._lora is not None:
             if self._lora.merged:
@@ -228,15 +232,17 @@ class SCAIL2Pipeline:
         was_training = transformer.training
         grads = {id(p): p.requires_grad for p in transformer.parameters()}
         load_lora(transformer, path, check_base=check_base)
-        layer = next(iter(lora_layers(transformer).values()))
-        rank, alpha = int(layer.r["default"]), float(layer.lora_alpha["default"])
+        layer = next(iter(lora_layers(transformer).values()), None)
+        rank = int(layer.r["default"]) if layer is not None else 0
+        alpha = float(layer.lora_alpha["default"]) if layer is not None else 0.0
+        deltas = len(weight_deltas(transformer))
         set_lora_scale(transformer, scale)
         if merge:
             merge_lora(transformer)
         transformer.train(was_training)
         for p in transformer.parameters():
             p.requires_grad_(grads.get(id(p), False))
-        self._lora = LoadedLoRA(Path(path), scale, merge, rank, alpha)
+        self._lora = LoadedLoRA(Path(path), scale, merge, rank, alpha, deltas)
         log.info("loaded LoRA %s (rank %d, scale %g%s)", path, rank, scale, ", merged" if merge else "")
         return self
 
@@ -263,7 +269,7 @@ class SCAIL2Pipeline:
         """
         from scail2.models.loading import save_pretrained as save_transformer
 
-        if any(".base_layer." in name for name, _ in self.transformer.named_parameters()):
+        if any(".base_layer." in name or ".parametrizations." in name for name, _ in self.transformer.named_parameters()):
             where = f" ({self._lora.path})" if self._lora is not None else ""
             raise ValueError(
                 f"the transformer carries an unmerged LoRA adapter{where}; call unload_lora() to save the base "
