@@ -376,3 +376,49 @@ def merged_state(model: nn.Module, pairs, deltas=None, lora_scale: float = 1.0, 
     for name, delta in (deltas or {}).items():
         state[name] += delta_scale * delta
     return state
+
+
+# ---------------------------------------------------------------------------------------- the whole release
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+
+def build_release_tree(root: Path, seed: int = 0) -> Path:
+    """The official SCAIL-2 release folder at tiny size, with the real file names, containers and key names::
+
+        root/model/latest, root/model/1/fsdp2_rank_0000_checkpoint.pt   SAT checkpoint (NumPy-1 RNG state)
+        root/model/bias-aware-dpo-lora.pt                              SAT LoRA container
+        root/Wan2.1_VAE.pth                                            original Wan2.1 VAE keys
+        root/models_t5_umt5-xxl-enc-bf16.pth                           Wan umT5 keys, bf16
+        root/umt5-xxl/                                                 tokenizer
+        root/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   open-clip keys (visual + text tower)
+    """
+    from diffusers import AutoencoderKLWan
+
+    from scail2.encoders.tiny import _build_tokenizer, _content_carrying_
+    from scail2.models import SCAIL2Transformer
+    from scail2.testing import randomize_
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(model_max_length=512)
+    tokenizer.save_pretrained(root / "umt5-xxl")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = randomize_(SCAIL2Transformer(release_config()), seed=seed)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16)
+        _content_carrying_(vae)
+        t5 = WanT5Encoder(vocab=len(tokenizer), dim=32, ffn=48, heads=4, layers=2)
+        for p in t5.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        visual = WanVisionTransformer(image_size=32, patch=8, dim=32, heads=16, layers=3, out_dim=16)
+        for p in visual.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    randomize_norms_(t5, seed)
+    randomize_norms_(visual, seed)
+    save_sat_checkpoint(transformer, root, iteration=1, rng_key=mt19937_key(seed))
+    save_sat_dpo_lora(random_lora_pairs(transformer, rank=4, seed=seed + 1), root / "model" / "bias-aware-dpo-lora.pt")
+    torch.save(wan_vae_original_state({k: v.clone() for k, v in vae.state_dict().items()}), root / "Wan2.1_VAE.pth")
+    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, root / WAN_T5_FILE)
+    torch.save(wan_clip_file_state(visual), root / WAN_CLIP_FILE)
+    return root

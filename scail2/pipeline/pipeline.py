@@ -145,6 +145,11 @@ class SCAIL2Pipeline:
     ) -> "SCAIL2Pipeline":
         """Load every component from ``path`` (layout in ``scail2.pipeline.layout``) or from its own path.
 
+        ``path`` is a pipeline folder (``transformer/``, ``vae/`` ...), a Wan2.1-I2V diffusers folder with a
+        SCAIL-2 ``transformer/``, or the official SCAIL-2 release folder as downloaded (``model/1/...`` SAT
+        checkpoint, ``Wan2.1_VAE.pth``, the umT5 and CLIP ``.pth`` files, ``umt5-xxl/``). ``*_path`` arguments
+        point at components kept elsewhere (folders or those single files).
+
         All files are checked first; one ``FileNotFoundError`` lists every missing file. ``dtype`` is the
         transformer's (default: as stored); ``text_dtype`` should be bfloat16 for the real umT5-XXL (float16
         overflows); the VAE is best kept in float32. ``scheduler`` "unipc" | "euler" replaces the saved
@@ -177,10 +182,10 @@ class SCAIL2Pipeline:
             text_dtype=text_dtype,
             image_dtype=image_dtype,
         )
-        if paths["scheduler"].is_dir():
+        if paths["scheduler"] is not None and paths["scheduler"].is_dir():
             sched = load_scheduler(paths["scheduler"])
         else:
-            log.info("no scheduler folder at %s; sampling with UniPC, shift %s", paths["scheduler"], 5.0)
+            log.info("no scheduler folder (%s); sampling with UniPC, shift %s", paths["scheduler"], 5.0)
             sched = make_scheduler("unipc")
         if scheduler is not None:
             sched = make_scheduler(scheduler, scheduler_shift(sched))
