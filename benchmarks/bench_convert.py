@@ -28,21 +28,34 @@ from common import versions, write_result  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Runs a module (``-m name args...``) or code (``-c code``) and reports the process's own peak RSS at exit.
+# VmHWM is read from /proc: ru_maxrss would include the parent's resident set copied at fork time.
+_MEASURED = """
+import atexit, runpy, sys
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("PEAK_RSS_KB " + line.split()[1] + "\\n")
+atexit.register(_report)
+kind, target, *rest = sys.argv[1:]
+sys.argv = [target, *rest]
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    exec(target)
+"""
+
+
 def _run(args: list[str]) -> dict:
-    """Run a Python command in a child process; its wall time, output and own peak RSS (bytes, from wait4)."""
+    """Run ``-m module args`` or ``-c code`` in a fresh process; its wall time, output and own peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{args} failed:\n{stdout}\n{stderr}")
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout.strip()}
+        raise RuntimeError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
+    peak_kb = int(next(l.split()[1] for l in proc.stderr.splitlines() if l.startswith("PEAK_RSS_KB")))
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak_kb * 1024, "stdout": proc.stdout.strip()}
 
 
 def build_checkpoint(path: Path, layers: int) -> dict:
@@ -72,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp) / "SCAIL-2"
         ckpt = root / "model" / "1" / "fsdp2_rank_0000_checkpoint.pt"
-        setup = build_checkpoint(ckpt, args.layers)
+        setup = build_checkpoint(ckpt, args.layers)  # its tensors are freed on return
         size = ckpt.stat().st_size
         baseline = _run(["-c", "import torch, safetensors, scail2.cli.convert, scail2.models.loading"])
         cases = {}
@@ -99,7 +112,7 @@ def main() -> None:
             "source": "SAT training checkpoint (torch.save zip, fp32, fused q/k/v, RNG states), release-folder layout",
             "file_size_bytes": size,
             "baseline_import_peak_rss_bytes": baseline["peak_rss_bytes"],
-            "measure": "ru_maxrss of the converter's own process (os.wait4), one run per case",
+            "measure": "VmHWM (peak resident set) of the converter's own process, read from /proc at exit; one run per case",
         },
         "cases": cases,
     }
