@@ -11,8 +11,12 @@ Layouts recognised by :func:`load_transformer`:
 * **diffusers**: a ``WanTransformer3DModel`` folder (``_class_name``/``num_attention_heads`` in config.json).
 * **sat**: the released SCAIL-2 training checkpoint (``model/<iteration>/fsdp2_rank_0000_checkpoint.pt``, a
   ``torch.save`` dict whose ``"module"`` holds ``model.diffusion_model.*`` weights with fused q/k/v), see
-  ``scail2.models.convert_sat``. Its NumPy RNG state is admitted through a narrow ``weights_only``
-  allow-list; nothing else is unpickled.
+  ``scail2.models.convert_sat``; the release folder or its ``model/`` folder may be given instead
+  (:func:`find_sat_checkpoint`). Its NumPy RNG state (pickled under NumPy 1) is admitted through a narrow
+  ``weights_only`` allow-list (``scail2.utils.torch_files``); nothing else is unpickled.
+
+:func:`convert_checkpoint` converts any of these to the scail2 or diffusers layout tensor by tensor, and
+:func:`load_transformer` memory-maps zip-format torch files, so neither holds a checkpoint twice.
 
 The model class follows the weights: ``patch_embedding_mask`` present -> :class:`SCAIL2Transformer`, else
 :class:`WanModel`. Keys are checked strictly; shape mismatches and missing/unexpected keys are all listed.
