@@ -317,3 +317,13 @@ def test_refused_files_name_the_format_found(tmp_path):
     (tmp_path / "release" / "model" / "latest").write_text("1")
     with pytest.raises(CheckpointError, match=r"latest names iteration '1' but .* holds none of"):
         load_transformer(tmp_path / "release")
+
+
+def test_broken_safetensors_are_named(tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors \(a Git LFS pointer"):
+        load_transformer(folder)
+    with pytest.raises(CheckpointError, match=r"cannot be read as safetensors"):
+        read_state_dict(folder)

@@ -141,7 +141,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            part = load_file(str(f), device="cpu")
+            part = read_safetensors(f)
         elif f.suffix in TORCH_SUFFIXES:
             part = _unwrap(load_torch_file(f, what="transformer weights"), f)
         else:
@@ -154,6 +154,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"keys appear in more than one shard ({f.name}): {sorted(dup)[:5]}")
         state.update(part)
     return state
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a file that is not one is reported with what it is."""
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; reported with the file
+        raise CheckpointError(
+            f"{path} ({describe_file(path)}) cannot be read as safetensors ({exc}); re-download or re-save it"
+        ) from exc
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -93,11 +93,18 @@ class TensorSource:
     def _index_safetensors(self, path: Path) -> list[str]:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            self._pending = {}
-            for k in handle.keys():
-                sl = handle.get_slice(k)
-                self._pending[k] = (tuple(sl.get_shape()), _FROM_SAFETENSORS[sl.get_dtype()])
+        from scail2.utils.torch_files import describe_file
+
+        self._pending = {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for k in handle.keys():
+                    sl = handle.get_slice(k)
+                    self._pending[k] = (tuple(sl.get_shape()), _FROM_SAFETENSORS[sl.get_dtype()])
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; reported with the file
+            raise CheckpointError(
+                f"{path} ({describe_file(path)}) cannot be read as safetensors ({exc}); re-download or re-save it"
+            ) from exc
         return list(self._pending)
 
     def _commit_safetensors(self, path: Path) -> None:
