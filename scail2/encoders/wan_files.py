@@ -285,8 +285,3 @@ def wan_clip_preprocess(image_size: int) -> ClipPreprocess:
         crop_hw=(image_size, image_size), mean=WAN_CLIP_MEAN, std=WAN_CLIP_STD, interpolation="bicubic",
         shortest_edge=image_size,
     )  # fmt: skip
-
-
-def is_wan_file(path: str | Path) -> bool:
-    """Whether a text/image encoder path is a single original Wan file (rather than a transformers folder)."""
-    return Path(path).is_file()

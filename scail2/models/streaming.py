@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import mmap
 import sys
 from collections.abc import Callable, Iterable
@@ -24,8 +23,6 @@ from pathlib import Path
 import torch
 
 from scail2.utils.torch_files import CheckpointError, is_zip_torch_file, load_torch_file
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -74,6 +71,7 @@ class TensorSource:
         self._mapped: set[str] = set()  # keys whose tensors are memory-mapped from a zip-format torch file
         self._st_file: dict[str, Path] = {}
         self._st_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._pending: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # the safetensors file being indexed
         for f in files:
             if f.suffix == ".safetensors":
                 part_keys = self._index_safetensors(f)
