@@ -83,7 +83,6 @@ _FLAGS = {
     "tokenizer": "--tokenizer",
     "image_encoder": "--image-encoder",
     "image_processor": "--image-processor",
-    "scheduler": "--scheduler-config",
 }
 _ENCODER_SPECS = {
     "vae": VAE_FILES,
