@@ -105,22 +105,24 @@ def test_wan_clip_file_matches_the_wan_module(tmp_path):
 
 
 def test_wan_encoder_files_in_the_bundle_and_their_errors(tokenizer_dir, tmp_path):
+    from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer
 
-    from scail2.encoders.tiny import save_tiny_encoders
+    from tests.release_replica import wan_vae_original_state
 
-    root = save_tiny_encoders(tmp_path / "tiny")
+    torch.save(wan_vae_original_state(AutoencoderKLWan(base_dim=8).state_dict()), tmp_path / "Wan2.1_VAE.pth")
     torch.save(_wan_t5(len(AutoTokenizer.from_pretrained(tokenizer_dir))).state_dict(), tmp_path / WAN_T5_FILE)
     torch.save(wan_clip_file_state(_wan_visual()), tmp_path / WAN_CLIP_FILE)
     bundle = Encoders.from_pretrained(
         None,
-        vae_path=root / "vae",
+        vae_path=tmp_path / "Wan2.1_VAE.pth",
         text_encoder_path=tmp_path / WAN_T5_FILE,
         tokenizer_path=tokenizer_dir,
         image_encoder_path=tmp_path / WAN_CLIP_FILE,
-    )  # no image_processor/: Wan's preprocessing comes with the Wan CLIP file
+    )  # the three original files and a tokenizer; no image_processor/: Wan's comes with the CLIP file
     assert bundle.image.preprocess.mean == WAN_CLIP_MEAN and bundle.image.resize == "squash"
     assert bundle.text.encode(["a man walking"]).shape == (1, 512, 32)
+    assert bundle.vae.model.config.base_dim == 8
     wrong = tmp_path / "wrong.pth"
     torch.save({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}, wrong)
     with pytest.raises(CheckpointError, match=r"wrong.pth is not a Wan2.1 umT5 encoder file"):
