@@ -14,6 +14,21 @@ Files:
 * **ComfyUI layout** (``layout="comfyui"``): one safetensors with ``diffusion_model.blocks.N.<module>.lora_down
   .weight`` / ``lora_up.weight`` / ``alpha`` (a scalar holding ``lora_alpha``, so ComfyUI's
   ``alpha / rank`` scale equals ours).
+
+Read as well (:func:`read_lora_file`), with no conversion step:
+
+* the same keys **without** the ``diffusion_model.`` prefix, and in ``.pt/.pth`` files;
+* the **SAT/DeepSpeed container** of the released ``bias-aware-dpo-lora.pt``: a ``torch.save`` dict whose
+  ``"module"`` holds ``model.diffusion_model.transformer.layers.N.<SAT module>.lora_layer[.i].{down,up}.weight``
+  (one sub-LoRA per part of SAT's fused projections: ``attention.query_key_value.lora_layer.{0,1,2}`` = self-attn
+  q/k/v, ``attention.dense`` = o, ``cross_attention.query`` = cross q, ``cross_attention.key_value.lora_layer.
+  {0,1}`` = cross k/v, ``cross_attention.dense`` = cross o, ``mlp.dense_h_to_4h`` / ``dense_4h_to_h`` = ffn.0 /
+  ffn.2), applied as ``W += up @ down`` (no alpha key: scale 1, as the official pipeline fuses it);
+* **weight deltas** ``<module>.diff`` / ``<module>.diff_b`` (full-shape additions to a weight / a bias), as the
+  lightx2v step-distill LoRAs carry next to their low-rank pairs. They are applied as parametrizations
+  (``weight = stored + scale * diff``), so unloading restores the base weights exactly and merging folds them in.
+  A delta for ``patch_embedding.weight`` whose input channels differ from the model's (Wan2.1-I2V's 36 against
+  SCAIL-2's 20) is skipped with a warning; every other delta must fit its tensor exactly.
 """
 
 from __future__ import annotations
@@ -21,15 +36,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
+
+from scail2.utils.torch_files import TORCH_SUFFIXES, CheckpointError, describe_file, load_torch_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = r"blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o)|ffn\.(0|2))"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -78,15 +99,20 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The same network without its adapters: the DPO reference model, with no second copy in memory."""
     layers = list(lora_layers(model).values())
-    if not layers:
+    deltas = [d for _, _, d in weight_deltas(model)]
+    if not layers and not deltas:
         raise ValueError("the model has no LoRA adapters to disable")
     for layer in layers:
         layer.enable_adapters(False)
+    for delta in deltas:
+        delta.enabled = False
     try:
         yield model
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+        for delta in deltas:
+            delta.enabled = True
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -167,39 +193,220 @@ def save_lora(model: torch.nn.Module, spec: LoRASpec, path: str | os.PathLike, l
     raise ValueError(f"unknown LoRA layout {layout!r}; use 'peft' or 'comfyui'")
 
 
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRASpec, dict[str, str]]:
-    """Adapter weights in peft layout, their spec and the file metadata, from either layout."""
+# ------------------------------------------------------------------------------------------- reading files
+SAT_LORA_PREFIX = "model.diffusion_model.transformer.layers."
+# SAT module (after "transformer.layers.N.") of the released DPO LoRA -> Wan module (after "blocks.N.").
+SAT_LORA_MODULES: dict[str, str] = {
+    "attention.query_key_value.lora_layer.0": "self_attn.q",
+    "attention.query_key_value.lora_layer.1": "self_attn.k",
+    "attention.query_key_value.lora_layer.2": "self_attn.v",
+    "attention.dense.lora_layer": "self_attn.o",
+    "cross_attention.query.lora_layer": "cross_attn.q",
+    "cross_attention.key_value.lora_layer.0": "cross_attn.k",
+    "cross_attention.key_value.lora_layer.1": "cross_attn.v",
+    "cross_attention.dense.lora_layer": "cross_attn.o",
+    "mlp.dense_h_to_4h.lora_layer": "ffn.0",
+    "mlp.dense_4h_to_h.lora_layer": "ffn.2",
+}
+_SAT_KEY = re.compile(r"^" + re.escape(SAT_LORA_PREFIX) + r"(\d+)\.(.+)\.(down\.weight|up\.weight|diff_b)$")
+_SAT_SUFFIX = {"down.weight": "lora_down.weight", "up.weight": "lora_up.weight", "diff_b": "diff_b"}
+_KINDS = ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha", "diff_b", "diff")
+
+
+@dataclass(frozen=True)
+class LoRAFile:
+    """What a LoRA file holds, in one form: peft-named adapter pairs, their spec, the file's metadata, and the
+    weight deltas (``{"blocks.0.norm3.weight": diff, "blocks.0.ffn.0.bias": diff_b, ...}``)."""
+
+    state: dict[str, torch.Tensor]
+    spec: LoRASpec
+    meta: dict[str, str]
+    deltas: dict[str, torch.Tensor]
+    format: str  # "peft" | "comfyui" | "sat" (for messages)
+
+
+def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if file.suffix in TORCH_SUFFIXES:
+        loads = "a .safetensors LoRA, a peft folder, or a torch file of LoRA tensors (e.g. bias-aware-dpo-lora.pt)"
+        obj = load_torch_file(file, what="a LoRA adapter", loads=loads)
+        for wrapper in ("module", "state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+        if not isinstance(obj, dict) or not obj:
+            raise CheckpointError(f"{file} holds no dict of LoRA tensors (found {type(obj).__name__}); {loads}")
+        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        if bad:
+            raise CheckpointError(f"{file} holds non-tensor entries {bad[:6]} among its LoRA tensors")
+        return dict(obj), {}
+    raise CheckpointError(
+        f"{file} is {describe_file(file)} with suffix {file.suffix!r}; a LoRA adapter is a peft folder, a "
+        f".safetensors file or a torch file ({'/'.join(TORCH_SUFFIXES)})"
+    )
+
+
+def _from_sat(raw: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for key, value in raw.items():
+        m = _SAT_KEY.match(key)
+        module = SAT_LORA_MODULES.get(m.group(2)) if m else None
+        if module is None:
+            unknown.append(key)
+            continue
+        out[f"blocks.{m.group(1)}.{module}.{_SAT_SUFFIX[m.group(3)]}"] = value
+    if unknown:
+        raise KeyError(
+            f"{len(unknown)} keys of the SAT LoRA file {file} have no Wan module, e.g. {sorted(unknown)[:4]} "
+            f"(known SAT modules: {sorted(SAT_LORA_MODULES)})"
+        )
+    return out
+
+
+def read_lora_file(path: str | os.PathLike) -> LoRAFile:
+    """Read any LoRA layout of the module docstring (peft folder, ComfyUI / kohya-style file with or without the
+    ``diffusion_model.`` prefix, the SAT DPO container, lightx2v files with ``diff`` / ``diff_b``)."""
     p = Path(path)
     file = p / PEFT_WEIGHTS if p.is_dir() else p
     if not file.exists():
-        raise FileNotFoundError(f"no LoRA weights at {file} (expected {PEFT_WEIGHTS} in a folder, or a .safetensors file)")
-    with safe_open(str(file), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    if any(k.startswith("diffusion_model.") for k in raw):
-        state, alphas = {}, set()
-        for k, v in raw.items():
-            body = k[len("diffusion_model.") :]
-            if body.endswith(".alpha"):
-                alphas.add(float(v))
-            elif body.endswith(".lora_down.weight"):
-                state[body[: -len(".lora_down.weight")] + ".lora_A.weight"] = v
-            elif body.endswith(".lora_up.weight"):
-                state[body[: -len(".lora_up.weight")] + ".lora_B.weight"] = v
-            else:
-                raise KeyError(f"unexpected key {k!r} in ComfyUI LoRA file {file}")
-        if len(alphas) > 1:
-            raise ValueError(f"{file} mixes several alpha values {sorted(alphas)}; scail2 expects one")
+        raise FileNotFoundError(
+            f"no LoRA weights at {file} (expected {PEFT_WEIGHTS} in a folder, or a .safetensors / .pt file)"
+        )
+    raw, meta = _read_tensors(file)
+    if any(k.startswith(SAT_LORA_PREFIX) for k in raw):
+        raw, fmt = _from_sat(raw, file), "sat"
     else:
-        state = raw
+        fmt = "peft" if any(".lora_A." in k for k in raw) else "comfyui"
+        if raw and all(k.startswith("diffusion_model.") for k in raw):
+            raw = {k[len("diffusion_model.") :]: v for k, v in raw.items()}
+    state: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    alphas: set[float] = set()
+    unknown = []
+    for key, value in raw.items():
+        kind = next((k for k in _KINDS if key.endswith("." + k)), None)
+        if kind is None:
+            unknown.append(key)
+            continue
+        module = key[: -len(kind) - 1]
+        if kind == "alpha":
+            alphas.add(float(value))
+        elif kind == "diff":
+            deltas[f"{module}.weight"] = value
+        elif kind == "diff_b":
+            deltas[f"{module}.bias"] = value
+        else:
+            side = "A" if kind in ("lora_down.weight", "lora_A.weight") else "B"
+            state[f"{module}.lora_{side}.weight"] = value
+    if unknown:
+        raise KeyError(
+            f"unexpected keys in the LoRA file {file}: {sorted(unknown)[:6]} (expected <module>.lora_down.weight / "
+            "lora_up.weight / alpha / diff / diff_b, or peft's lora_A / lora_B)"
+        )
+    if len(alphas) > 1:
+        raise ValueError(f"{file} mixes several alpha values {sorted(alphas)}; scail2 expects one")
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1:
+    if len(ranks) > 1:
         raise ValueError(f"{file} has adapters of ranks {sorted(ranks)}; expected one rank")
-    rank = ranks.pop()
-    alpha = float(meta["alpha"]) if "alpha" in meta else (alphas.pop() if raw and any(k.endswith(".alpha") for k in raw) else float(rank))
+    if not state and not deltas:
+        raise ValueError(f"{file} holds no LoRA tensors")
+    rank = ranks.pop() if ranks else 1
+    if "alpha" in meta:
+        alpha = float(meta["alpha"])
+    elif alphas:
+        alpha = alphas.pop()  # ComfyUI / kohya convention: the update is scaled by alpha / rank
+    else:
+        alpha = float(rank)  # no alpha: W += up @ down (the official SCAIL-2 and lightx2v fusion)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     pattern = meta.get("target_modules") or "(" + "|".join(m.replace(".", r"\.") for m in modules) + ")"
-    return state, LoRASpec(rank=rank, alpha=alpha, target_modules=pattern), meta
+    return LoRAFile(state, LoRASpec(rank=rank, alpha=alpha, target_modules=pattern), meta, deltas, fmt)
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRASpec, dict[str, str]]:
+    """Adapter weights in peft layout, their spec and the file metadata, from any layout :func:`read_lora_file`
+    reads (weight deltas, if the file has any, come with :func:`read_lora_file`)."""
+    lora = read_lora_file(path)
+    return lora.state, lora.spec, lora.meta
+
+
+# ------------------------------------------------------------------------------------------ weight deltas
+class WeightDelta(nn.Module):
+    """A parametrization adding a LoRA file's full-shape delta to a weight or bias: ``stored + scale * delta``.
+
+    ``scale`` follows the adapter's strength; ``enabled`` False gives the stored tensor (the reference model of
+    DPO, :func:`adapters_disabled`)."""
+
+    def __init__(self, delta: torch.Tensor, scale: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("delta", delta, persistent=False)
+        self.scale = float(scale)
+        self.enabled = True
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.scale == 0.0:
+            return stored
+        return stored + self.scale * self.delta
+
+
+def weight_deltas(model: nn.Module) -> list[tuple[nn.Module, str, WeightDelta]]:
+    """The :class:`WeightDelta` parametrizations of a model: (module, tensor name, parametrization)."""
+    out = []
+    for module in model.modules():
+        for tensor, plist in getattr(module, "parametrizations", {}).items():
+            out.extend((module, tensor, p) for p in plist if isinstance(p, WeightDelta))
+    return out
+
+
+def _plan_deltas(
+    model: nn.Module, deltas: dict[str, torch.Tensor], path: object
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The deltas that fit the model, and the names skipped (with why); anything else that does not fit raises."""
+    own = dict(model.named_parameters())
+    problems, skipped, fitting = [], [], {}
+    for name, delta in sorted(deltas.items()):
+        if name not in own and name.endswith(".weight") and name[: -len(".weight")] in own:
+            name = name[: -len(".weight")]  # a bare parameter (e.g. blocks.N.modulation): its diff is on itself
+        target = own.get(name)
+        if target is None:
+            problems.append(f"{name}: the model has no such tensor")
+        elif tuple(delta.shape) == tuple(target.shape):
+            fitting[name] = delta
+        elif name == "patch_embedding.weight" and delta.dim() == 5 and delta.shape[0] == target.shape[0]:
+            skipped.append(
+                f"{name} (the file's patch embedding reads {delta.shape[1]} input channels, this model "
+                f"{target.shape[1]}: a delta for another input layout, e.g. Wan2.1-I2V's)"
+            )
+        else:
+            problems.append(f"{name}: delta {tuple(delta.shape)} vs model {tuple(target.shape)}")
+    if problems:
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+        raise ValueError(f"LoRA file {path} has weight deltas that do not fit this model:\n- " + "\n- ".join(shown))
+    return fitting, skipped
+
+
+def _add_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.nn.utils import parametrize
+
+    for name, delta in deltas.items():
+        module_name, _, tensor = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if isinstance(module, BaseTunerLayer):  # a layer with a LoRA adapter: the delta goes to its base layer
+            module = module.get_base_layer()
+        stored = getattr(module, tensor)
+        delta = delta.detach().to(device=stored.device, dtype=stored.dtype)
+        parametrize.register_parametrization(module, tensor, WeightDelta(delta, scale))
+
+
+def _remove_deltas(model: nn.Module, keep: bool) -> None:
+    """Take the delta parametrizations out: ``keep`` folds them into the tensors, else the stored ones return."""
+    from torch.nn.utils import parametrize
+
+    for module, tensor, _ in weight_deltas(model):
+        if parametrize.is_parametrized(module, tensor):
+            parametrize.remove_parametrizations(module, tensor, leave_parametrized=keep)
 
 
 def check_lora_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], spec: LoRASpec, path: object) -> None:
@@ -260,9 +467,11 @@ def check_lora_base(model: torch.nn.Module, meta: dict[str, str], path: object) 
 
 
 def remove_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """Take the (unmerged) adapters out again: every adapted layer becomes its untouched base layer."""
+    """Take the (unmerged) adapters out again: every adapted layer becomes its untouched base layer, and every
+    weight delta is removed (the stored tensors are the base ones)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    _remove_deltas(model, keep=False)
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             if module.merged:
@@ -282,58 +491,71 @@ def _drop_peft_config(model: torch.nn.Module) -> None:
 
 
 def set_lora_scale(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """Multiply every adapter's effect by ``scale`` (relative to its ``lora_alpha / r``; 0 switches it off)."""
+    """Multiply every adapter's effect by ``scale`` (relative to its ``lora_alpha / r``; 0 switches it off);
+    weight deltas become ``scale * delta``."""
     from peft.tuners.lora import LoraLayer
 
     for layer in lora_layers(model).values():
         if isinstance(layer, LoraLayer):
             for adapter in list(layer.scaling):
                 layer.set_scale(adapter, scale)
+    for _, _, delta in weight_deltas(model):
+        delta.scale = float(scale)
     return model
 
 
 def load_lora(model: torch.nn.Module, path: str | os.PathLike, check_base: bool = True) -> torch.nn.Module:
     """Inject adapters matching the file and load its weights; every key must load, none may be left over.
 
-    Checked before the model is touched: every adapter fits a layer of the model (names and shapes,
-    :func:`check_lora_fits`) and, with ``check_base``, the file's base-model hash is this model's. The adapter
-    weights take the dtype and device of the layers they adapt. On any failure the model is left as it was.
+    Any layout :func:`read_lora_file` reads. Checked before the model is touched: every adapter fits a layer of
+    the model (names and shapes, :func:`check_lora_fits`), every weight delta fits its tensor, and, with
+    ``check_base``, the file's base-model hash is this model's. The adapter weights take the dtype and device of
+    the layers they adapt. On any failure the model is left as it was. Weight deltas skipped because they are
+    meant for another input layout are logged (``patch_embedding``, see the module docstring).
     """
     from peft import set_peft_model_state_dict
 
-    if lora_layers(model):
+    if lora_layers(model) or weight_deltas(model):
         raise ValueError(f"cannot load {path}: the model already has LoRA adapters")
-    state, spec, meta = read_lora(path)
-    check_lora_fits(model, state, spec, path)
+    lora = read_lora_file(path)
+    state, spec, meta = lora.state, lora.spec, lora.meta
+    if state:
+        check_lora_fits(model, state, spec, path)
+    deltas, skipped = _plan_deltas(model, lora.deltas, path)
     if check_base:
         check_lora_base(model, meta, path)
     grads = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        model = add_lora(model, spec)
-        result = set_peft_model_state_dict(model, state)
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
-        if unexpected or missing:
-            raise KeyError(
-                f"LoRA file {path} does not fit the model: unexpected {unexpected[:10]}, missing {missing[:10]}"
-            )
-        for layer in lora_layers(model).values():
-            weight = layer.get_base_layer().weight
-            for name in ("lora_A", "lora_B"):
-                getattr(layer, name).to(device=weight.device, dtype=weight.dtype)
+        if state:
+            model = add_lora(model, spec)
+            result = set_peft_model_state_dict(model, state)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+            if unexpected or missing:
+                raise KeyError(
+                    f"LoRA file {path} does not fit the model: unexpected {unexpected[:10]}, missing {missing[:10]}"
+                )
+            for layer in lora_layers(model).values():
+                weight = layer.get_base_layer().weight
+                for name in ("lora_A", "lora_B"):
+                    getattr(layer, name).to(device=weight.device, dtype=weight.dtype)
+        _add_deltas(model, deltas)
     except BaseException:
         remove_lora(model)
         for p in model.parameters():
             if id(p) in grads:
                 p.requires_grad_(grads[id(p)])
         raise
+    if skipped:
+        log.warning("%s: %d weight delta(s) not applied: %s", path, len(skipped), "; ".join(skipped))
     return model
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold the adapters into the base weights and remove them (plain Linear layers again)."""
+    """Fold the adapters (and weight deltas) into the base weights and remove them (plain layers again)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    _remove_deltas(model, keep=True)
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()

@@ -270,7 +270,10 @@ def test_xdance_by_id_and_categories(tmp_path):
     shutil.rmtree(root / "images")
     _touch(root / "Ref-Female-Whole-Body" / "a.png")
     _touch(root / "Ref-Cartoon-Movie" / "b.jpg")
-    cases = load_xdance(root)  # auto -> every reference with every video
+    _touch(root / "assets" / "teaser.png")  # the dataset card's figures: not a reference category
+    with pytest.raises(BenchmarkLayoutError, match=r"2 reference images .* do not name its clips.*pairing=cross"):
+        load_xdance(root)  # no pairing defined: never every image with every clip unasked
+    cases = load_xdance(root, pairing="cross")
     assert [c.id for c in cases] == [
         "Ref-Cartoon-Movie/b__00001", "Ref-Cartoon-Movie/b__00002",
         "Ref-Female-Whole-Body/a__00001", "Ref-Female-Whole-Body/a__00002",
@@ -282,6 +285,33 @@ def test_xdance_by_id_and_categories(tmp_path):
     assert [c.id for c in select_cases(cases, ["Ref-Cartoon-Movie/b__00002"])] == ["Ref-Cartoon-Movie/b__00002"]
     with pytest.raises(ValueError, match="unknown case ids"):
         select_cases(cases, ["nope"])
+
+
+def test_xdance_categories_pair_by_id_and_skip_non_category_folders(tmp_path):
+    """The release's form: Ref-* category folders (35 references) plus assets/; each image id names its clip."""
+    root = tmp_path / "X-Dance"
+    layout = {"Ref-Cartoon-Movie": ["00001", "00002"], "Ref-Female-Upper-Body": ["00003"], "Ref-Male-Whole-Body": ["00004"]}
+    for category, ids in layout.items():
+        for vid in ids:
+            _touch(root / category / f"{vid}.png")
+            _touch(root / "videos" / vid / "video.mp4")
+    _touch(root / "assets" / "00005.png")  # an image in a non-category folder, even with a clip id
+    _touch(root / "assets" / "X-Dance.png")
+    _touch(root / "videos" / "00005" / "video.mp4")
+    with pytest.raises(BenchmarkLayoutError, match=r"no reference image for video 00005: expected Ref-<category>/00005"):
+        load_xdance(root)
+    shutil.rmtree(root / "videos" / "00005")
+    cases = load_xdance(root)
+    assert [(c.id, c.category, c.reference.parent.name) for c in cases] == [
+        ("00001", "Ref-Cartoon-Movie", "Ref-Cartoon-Movie"),
+        ("00002", "Ref-Cartoon-Movie", "Ref-Cartoon-Movie"),
+        ("00003", "Ref-Female-Upper-Body", "Ref-Female-Upper-Body"),
+        ("00004", "Ref-Male-Whole-Body", "Ref-Male-Whole-Body"),
+    ]
+    assert len(load_xdance(root, pairing="cross")) == 4 * 4  # 4 references (assets/ not counted) x 4 clips
+    _touch(root / "Ref-Male-Upper-Body" / "00001.png")
+    with pytest.raises(BenchmarkLayoutError, match="two reference images are named 00001"):
+        load_xdance(root, pairing="by_id")
 
 
 def test_xdance_broken_tree_lists_every_problem(tmp_path):

@@ -88,3 +88,49 @@ def test_model_folder_missing_a_component(model, files, tmp_path, capsys):
     assert main(_args(broken, files, "--out", str(tmp_path / "out.mp4"))) == 2
     err = capsys.readouterr().err
     assert "VAE folder" in err and "diffusion_pytorch_model.safetensors" in err
+
+
+# ---------------------------------------------------------------------------------- the official release
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from tests.release_replica import build_release_tree
+
+    return build_release_tree(tmp_path_factory.mktemp("release") / "SCAIL-2")
+
+
+def test_animate_from_the_official_release_folder(release, files, tmp_path, capsys):
+    """--model <release root>: SAT checkpoint, Wan2.1_VAE.pth, umT5 / CLIP .pth, umt5-xxl/ as downloaded; the
+    same video as from the pipeline-folder layout of the same weights, and nothing written into the release."""
+    from scail2.pipeline import SCAIL2Pipeline
+    from tests.test_cli_convert import _snapshot
+
+    before = _snapshot(release)
+    args = ["--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4"), "--height", "32",
+            "--width", "32", "--steps", "2", "--guidance", "2", "--seed", "0", "--no-progress", "--device", "cpu"]
+    assert main(["--model", str(release), *args, "--out", str(tmp_path / "release.mp4")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert _snapshot(release) == before
+    folder = SCAIL2Pipeline.from_pretrained(release).save_pretrained(tmp_path / "pipeline")
+    assert (folder / "image_processor" / "preprocessor_config.json").is_file()  # Wan's preprocessing, written out
+    assert main(["--model", str(folder), *args, "--out", str(tmp_path / "pipeline.mp4")]) == 0
+    from_release, from_folder = read_video(tmp_path / "release.mp4"), read_video(tmp_path / "pipeline.mp4")
+    assert from_release.shape == (5, 32, 32, 3) and np.array_equal(from_release, from_folder)
+    capsys.readouterr()
+
+    # a component kept elsewhere: the error names the file, where it comes from and the flag; the flag fixes it
+    elsewhere = tmp_path / "Wan2.1-I2V-14B-720P"
+    elsewhere.mkdir()
+    clip = release / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+    moved = shutil.move(clip, elsewhere / clip.name)
+    try:
+        assert main(["--model", str(release), *args, "--out", str(tmp_path / "x.mp4")]) == 2
+        err = capsys.readouterr().err
+        assert f"no CLIP image encoder at {clip}" in err and "--image-encoder PATH" in err
+        assert main(["--model", str(release), "--image-encoder", str(moved), *args, "--out", str(tmp_path / "y.mp4")]) == 0
+        assert np.array_equal(read_video(tmp_path / "y.mp4"), from_release)
+    finally:
+        shutil.move(moved, clip)
+    assert main([*args, "--vae", str(release / "Wan2.1_VAE.pth"), "--out", str(tmp_path / "z.mp4")]) == 2
+    assert "no model folder given and no path for ['transformer', 'text_encoder', 'tokenizer', 'image_encoder']" in (
+        capsys.readouterr().err
+    )

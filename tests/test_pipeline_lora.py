@@ -318,3 +318,109 @@ def test_cli_lora_errors_exit_2(root, media, base_pipe, tmp_path, capsys, extra,
     assert _cli(root, media, tmp_path / "out.mp4", *[e.format(**fill) for e in extra]) == 2
     assert message.format(**fill) in capsys.readouterr().err
     assert not (tmp_path / "out.mp4").exists()
+
+
+# ------------------------------------------------------------------------- released and third-party files
+def _merged_velocity(base_pipe, pairs, deltas=None, lora_scale=1.0, delta_scale=1.0):
+    from tests.release_replica import merged_state
+
+    reference = copy.deepcopy(base_pipe.transformer)
+    reference.load_state_dict(merged_state(reference, pairs, deltas, lora_scale, delta_scale))
+    return velocity(reference)
+
+
+def test_released_dpo_lora_container_loads_as_released(base_pipe, base_velocity, tmp_path, capsys, root, media):
+    """bias-aware-dpo-lora.pt: SAT names, fused-projection sub-LoRAs, module wrapper, NumPy-1 RNG state; no
+    conversion step, applied as W += up @ down (alpha 1)."""
+    from tests.release_replica import random_lora_pairs, save_sat_dpo_lora
+
+    pairs = random_lora_pairs(base_pipe.transformer, rank=RANK, seed=2)
+    path = save_sat_dpo_lora(pairs, tmp_path / "model" / "bias-aware-dpo-lora.pt")
+    pipe = fresh(base_pipe).load_lora(path)
+    assert pipe.lora_loaded == LoadedLoRA(path, 1.0, False, RANK, float(RANK))
+    assert len(lora_layers(pipe.transformer)) == 10 * len(pipe.transformer.blocks)
+    v = velocity(pipe.transformer)
+    assert not torch.allclose(v, base_velocity, atol=1e-3)
+    assert_close(v, _merged_velocity(base_pipe, pairs), rel=1e-5)
+    # the same factors with Wan names, without the diffusion_model. prefix and without alpha keys
+    bare = {}
+    for name, (down, up) in pairs.items():
+        bare[f"{name}.lora_down.weight"], bare[f"{name}.lora_up.weight"] = down, up
+    save_file(bare, str(tmp_path / "bare.safetensors"))
+    assert_close(velocity(fresh(base_pipe).load_lora(tmp_path / "bare.safetensors").transformer), v, rel=1e-6)
+    # and straight from the command line
+    assert _cli(root, media, tmp_path / "dpo.mp4", "--lora", str(path)) == 0
+    assert f"LoRA {path}: rank {RANK}, scale 1" in capsys.readouterr().out
+
+
+def _lightx2v_file(base_pipe, path):
+    """A lightx2v-style step-distill LoRA: diffusion_model. prefix, lora_down/lora_up/alpha on the block linears
+    (k_img / v_img too), diff_b for their biases, diff for norms and modulations, and a 36-channel
+    patch_embedding delta meant for Wan2.1-I2V."""
+    from tests.release_replica import random_lora_pairs
+
+    t = base_pipe.transformer
+    modules = ("self_attn.q", "self_attn.o", "cross_attn.k", "cross_attn.k_img", "ffn.0", "ffn.2")
+    pairs = random_lora_pairs(t, rank=RANK, seed=4, modules=modules)
+    g = torch.Generator().manual_seed(5)
+    deltas = {}
+    for i in range(len(t.blocks)):
+        for name in (f"blocks.{i}.ffn.0.bias", f"blocks.{i}.cross_attn.k_img.bias", f"blocks.{i}.norm3.weight",
+                     f"blocks.{i}.norm3.bias", f"blocks.{i}.modulation", f"blocks.{i}.self_attn.norm_q.weight"):
+            deltas[name] = torch.randn(t.get_parameter(name).shape, generator=g) * 0.05
+    deltas["head.head.bias"] = torch.randn(t.head.head.bias.shape, generator=g) * 0.05
+    deltas["patch_embedding.bias"] = torch.randn(t.patch_embedding.bias.shape, generator=g) * 0.05
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        tensors[f"diffusion_model.{name}.lora_down.weight"] = down
+        tensors[f"diffusion_model.{name}.lora_up.weight"] = up
+        tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(float(RANK))
+    for name, delta in deltas.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "modulation":
+            module, kind = name, "weight"
+        suffix = "diff_b" if kind == "bias" else "diff"
+        tensors[f"diffusion_model.{module}.{suffix}"] = delta
+    dim = t.patch_embedding.weight.shape[0]
+    tensors["diffusion_model.patch_embedding.diff"] = torch.randn(dim, 36, 1, 2, 2, generator=g)
+    save_file(tensors, str(path))
+    return pairs, deltas
+
+
+def test_lightx2v_lora_with_weight_deltas(base_pipe, base_velocity, tmp_path, caplog, prepared):
+    pairs, deltas = _lightx2v_file(base_pipe, tmp_path / "lightx2v_I2V_14B_480p_cfg_step_distill_rank4_bf16.safetensors")
+    path = tmp_path / "lightx2v_I2V_14B_480p_cfg_step_distill_rank4_bf16.safetensors"
+    with caplog.at_level("WARNING"):
+        pipe = fresh(base_pipe).load_lora(path)
+    assert "patch_embedding.weight (the file's patch embedding reads 36 input channels, this model 20" in caplog.text
+    assert pipe.lora_loaded.deltas == len(deltas) and pipe.lora_loaded.rank == RANK
+    assert_close(velocity(pipe.transformer), _merged_velocity(base_pipe, pairs, deltas), rel=1e-5)
+    pipe.unload_lora()
+    assert torch.equal(velocity(pipe.transformer), base_velocity)  # the stored weights come back bit for bit
+    half = fresh(base_pipe).load_lora(path, scale=0.5)
+    assert_close(velocity(half.transformer), _merged_velocity(base_pipe, pairs, deltas, 0.5, 0.5), rel=1e-5)
+    merged = fresh(base_pipe).load_lora(path, merge=True)
+    assert not any(".parametrizations." in n for n, _ in merged.transformer.named_parameters())
+    assert_close(velocity(merged.transformer), _merged_velocity(base_pipe, pairs, deltas), rel=1e-5)
+    with pytest.raises(ValueError, match="unmerged LoRA adapter"):
+        fresh(base_pipe).load_lora(path).save_pretrained(tmp_path / "saved")
+    # a delta for a tensor the model lacks, or of another shape, is refused before anything changes
+    from safetensors.torch import load_file
+
+    broken = load_file(str(path))
+    broken["diffusion_model.blocks.0.norm3.diff"] = torch.zeros(3)
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    pipe = fresh(base_pipe)
+    with pytest.raises(ValueError, match=r"blocks.0.norm3.weight: delta \(3,\) vs model \(64,\)"):
+        pipe.load_lora(tmp_path / "broken.safetensors")
+    _untouched(pipe, base_pipe)
+
+
+def test_distilled_lora_preset_is_the_documented_recipe():
+    from scail2.pipeline.presets import SAMPLING_PRESETS
+
+    distill = SAMPLING_PRESETS["lightx2v-distill"]
+    assert distill.generate_kwargs() == {"num_inference_steps": 8, "guidance_scale": 1.0, "shift": 1.0}
+    assert distill.lora_scale == 1.0 and distill.scheduler == "unipc"
+    default = SAMPLING_PRESETS["default"]
+    assert default.generate_kwargs() == {"num_inference_steps": 40, "guidance_scale": 5.0, "shift": 5.0}

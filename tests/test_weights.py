@@ -217,3 +217,113 @@ def test_released_sat_training_checkpoint(tmp_path):
     assert type(loaded) is SCAIL2Transformer and loaded.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# ------------------------------------------------------------------------------- the official release files
+def _release_sat(tmp_path):
+    from tests.release_replica import mt19937_key, release_config, save_sat_checkpoint
+
+    model = randomize_(SCAIL2Transformer(release_config()))
+    root = tmp_path / "SCAIL-2"
+    path = save_sat_checkpoint(model, root, iteration=1, rng_key=mt19937_key(3))
+    return model, root, path
+
+
+def test_sat_checkpoint_pickled_under_numpy1_loads(tmp_path):
+    """The NumPy RNG state is written with NumPy 1's module paths (numpy.core.multiarray._reconstruct, ...),
+    as in the released file; the narrow allow-list admits exactly what it needs."""
+    import zipfile
+
+    import numpy as np
+
+    from scail2.utils.torch_files import load_torch_file
+    from tests.release_replica import mt19937_key
+
+    model, root, path = _release_sat(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        pkl = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in pkl and b"numpy._core" not in pkl
+    with pytest.raises(Exception, match="_reconstruct"):  # plain weights_only loading refuses it
+        torch.load(path, weights_only=True)
+    loaded = load_transformer(path)
+    assert type(loaded) is SCAIL2Transformer and loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    state = load_torch_file(path)["np_rng_state"]
+    assert state[0] == "MT19937" and state[2:] == (624, 0, 0.0)
+    assert state[1].dtype == np.uint32 and state[1].tolist() == mt19937_key(3)
+    # the release root and its model/ folder resolve to model/<latest>/fsdp2_rank_0000_checkpoint.pt
+    for where in (root, root / "model", path.parent):
+        assert torch.equal(load_transformer(where).head.head.weight, model.head.head.weight)
+
+
+def test_sat_checkpoint_without_numpy_skips_the_rng_state(tmp_path, monkeypatch, caplog):
+    from scail2.utils import torch_files
+
+    model, _, path = _release_sat(tmp_path)
+    monkeypatch.setattr(torch_files, "_import_numpy", lambda: None)  # as if NumPy were not installed
+    with caplog.at_level("WARNING"):
+        obj = torch_files.load_torch_file(path)
+    assert isinstance(obj["np_rng_state"][1], torch_files.SkippedNumpyObject)
+    assert "without NumPy" in caplog.text and "np_rng_state" in caplog.text
+    assert torch.equal(load_transformer(path).blocks[0].self_attn.q.weight, model.blocks[0].self_attn.q.weight)
+
+
+@pytest.mark.parametrize("numpy_installed", [True, False])
+def test_pickles_that_run_code_are_still_refused(tmp_path, monkeypatch, numpy_installed):
+    from scail2.utils import torch_files
+    from tests.release_replica import Raw, numpy1_array, op_global, op_str, save_with_raw
+
+    if not numpy_installed:
+        monkeypatch.setattr(torch_files, "_import_numpy", lambda: None)
+    sentinel = tmp_path / "ran"
+    object_array = numpy1_array([1, 2], "u4").replace(op_str("u4"), op_str("O"))
+    payloads = {
+        "os.system": op_global("os", "system") + op_str(f"touch {sentinel}") + b"\x85R",
+        "posix.system": op_global("posix", "system") + op_str(f"touch {sentinel}") + b"\x85R",
+        "builtins.exec": op_global("builtins", "exec") + op_str(f"open({str(sentinel)!r}, 'w')") + b"\x85R",
+        "numpy runstring": op_global("numpy.testing._private.utils", "runstring")
+        + op_str(f"open({str(sentinel)!r}, 'w')") + b"}\x86R",
+    }
+    if numpy_installed:  # without NumPy nothing of it is built: the placeholder skips it like any NumPy object
+        payloads["numpy object dtype"] = object_array
+    for name, opcodes in payloads.items():
+        path = save_with_raw({"module": {"w": torch.ones(1)}, "np_rng_state": Raw(opcodes)}, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError) as err:
+            read_state_dict(path)
+        message = str(err.value)
+        assert str(path) in message and "zip-format torch.save file" in message and "What loads" in message, name
+        assert not sentinel.exists(), name
+
+
+def test_refused_files_name_the_format_found(tmp_path):
+    lfs = tmp_path / "fsdp2_rank_0000_checkpoint.pt"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 65000000000\n")
+    with pytest.raises(CheckpointError, match=r"Git LFS pointer.*git lfs pull"):
+        load_transformer(lfs)
+    html = tmp_path / "weights.pth"
+    html.write_text("<!DOCTYPE html><html>Sign in</html>")
+    with pytest.raises(CheckpointError, match=r"weights.pth should hold transformer weights but is an HTML"):
+        load_transformer(html)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        load_transformer(empty)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match=r"a GGUF file.*load from \.safetensors"):
+        load_transformer(gguf)
+    (tmp_path / "release" / "model" / "1").mkdir(parents=True)
+    (tmp_path / "release" / "model" / "latest").write_text("1")
+    with pytest.raises(CheckpointError, match=r"latest names iteration '1' but .* holds none of"):
+        load_transformer(tmp_path / "release")
+
+
+def test_broken_safetensors_are_named(tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors \(a Git LFS pointer"):
+        load_transformer(folder)
+    with pytest.raises(CheckpointError, match=r"cannot be read as safetensors"):
+        read_state_dict(folder)

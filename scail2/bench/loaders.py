@@ -3,8 +3,10 @@
 Three layouts (specified in docs/benchmarks-quality.md):
 
 - ``xdance``: the X-Dance release. Reference images either as ``images/NNNNN.<ext>`` or in category folders
-  (``Ref-Female-Whole-Body/*.png`` ...), driving clips as ``videos/NNNNN/{video.mp4, pose.mp4, prompt.txt}``.
-  Image and video of a pair show different people: every case is a cross-identity case without ground truth.
+  (``Ref-<category>/*.png``: Ref-Cartoon-Movie, Ref-Female-Upper-Body ...; any other folder, such as the
+  dataset card's ``assets/``, is not a category), driving clips as ``videos/NNNNN/{video.mp4, pose.mp4,
+  prompt.txt}``. Pairs follow the dataset: an image and a clip of the same id form a case. Image and video of a
+  pair show different people: every case is a cross-identity case without ground truth.
 - ``studio``: a Studio-Bench-style layout that users fill: ``ROOT/<split>/<case id>/`` with ``reference.<ext>``,
   ``driving.<ext>`` and optionally ``ground_truth``, ``reference_mask``, ``driving_mask``, ``prompt.txt`` and
   ``case.json``; splits ``self_driven``, ``cross_driven`` and ``replacement``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +34,10 @@ from scail2.bench.cases import (
     find_video,
 )
 
+log = logging.getLogger(__name__)
+
 LAYOUTS: tuple[str, ...] = ("xdance", "studio", "synthetic")
+XDANCE_CATEGORY_PREFIX = "Ref-"  # X-Dance's reference categories: Ref-Cartoon-Movie, Ref-Female-Upper-Body, ...
 XDANCE_DRIVING: dict[str, str] = {"video": "video.mp4", "pose": "pose.mp4"}  # dataset.driving -> file
 XDANCE_PAIRINGS: tuple[str, ...] = ("auto", "by_id", "cross", "file")
 # Studio-Bench-style split folder of each task (dataset.split overrides it).
@@ -70,24 +76,42 @@ def _check_root(root: Path, layout: str) -> Path:
 
 
 def _xdance_references(root: Path) -> tuple[dict[str, Path], bool]:
-    """Reference images by id, and whether they came from ``images/`` (ids = stems) or category folders."""
+    """Reference images by id, and whether they came from ``images/`` (ids = stems) or category folders
+    (ids ``<category>/<stem>``). Only ``Ref-*`` folders are categories; others (``assets/`` ...) are ignored."""
     images = root / "images"
     if images.is_dir():
         refs = {p.stem: p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         if not refs:
             raise BenchmarkLayoutError(f"X-Dance images folder {images} has no images ({', '.join(IMAGE_SUFFIXES)})")
         return refs, True
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    categories = [p for p in folders if p.name.startswith(XDANCE_CATEGORY_PREFIX)]
+    ignored = [p.name for p in folders if p not in categories and p.name != "videos"]
+    if ignored:
+        log.info("X-Dance %s: folders %s are not reference categories (Ref-*) and are not read", root, ignored)
     refs = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "videos" and not p.name.startswith(".")):
+    for folder in categories:
         for image in sorted(folder.iterdir()):
             if image.suffix.lower() in IMAGE_SUFFIXES:
                 refs[f"{folder.name}/{image.stem}"] = image
     if not refs:
         raise BenchmarkLayoutError(
-            f"X-Dance root {root} has no reference images: expected images/NNNNN.png or category folders of "
-            "images (Ref-Female-Whole-Body/*.png, ...) next to videos/"
+            f"X-Dance root {root} has no reference images: expected images/NNNNN.png or category folders "
+            f"{XDANCE_CATEGORY_PREFIX}<category>/*.png (Ref-Female-Whole-Body/, ...) next to videos/"
+            + (f"; the folders {ignored} are not categories" if ignored else "")
         )
     return refs, False
+
+
+def _refs_by_stem(references: dict[str, Path], problems: list[str]) -> dict[str, str]:
+    """Clip id -> reference id, by image stem (the dataset's pairing: an image and a clip share an id)."""
+    by_stem: dict[str, str] = {}
+    for ref, path in references.items():
+        stem = path.stem
+        if stem in by_stem:
+            problems.append(f"two reference images are named {stem}: {by_stem[stem]} and {ref}; ids must be unique")
+        by_stem[stem] = ref
+    return by_stem
 
 
 def load_xdance(
@@ -96,10 +120,11 @@ def load_xdance(
     """Cases of an X-Dance folder (cross-identity: no ground truth).
 
     driving: "video" (``video.mp4``, end-to-end) or "pose" (``pose.mp4``, pose-driven).
-    pairing: "by_id" pairs ``images/NNNNN`` with ``videos/NNNNN`` (the release's mismatched pairs); "cross"
-    pairs every reference with every video (case id ``<reference id>__<video id>``); "file" reads
-    ``pairs_file``, a CSV with columns ``reference`` (image path relative to the root) and ``video`` (a video
-    id); "auto" is "by_id" when ``images/`` exists, else "cross".
+    pairing: "by_id" pairs the reference image ``NNNNN`` (in ``images/`` or in a ``Ref-*`` category folder) with
+    ``videos/NNNNN`` (the dataset's own pairs; case id ``NNNNN``); "file" reads ``pairs_file``, a CSV with
+    columns ``reference`` (image path relative to the root) and ``video`` (a video id); "cross" pairs every
+    reference with every video (case id ``<reference id>__<video id>``), only when asked for; "auto" is
+    "by_id" when image ids name clips, else an error that asks for "cross" or "file".
     """
     root = _check_root(Path(root), "X-Dance")
     if driving not in XDANCE_DRIVING:
@@ -123,23 +148,27 @@ def load_xdance(
         videos[folder.name] = (path, _read_text(folder / "prompt.txt"))
     if not folders:
         raise BenchmarkLayoutError(f"X-Dance videos folder {videos_dir} has no clip folders (videos/NNNNN/{wanted})")
-    references, by_stem = _xdance_references(root)
+    references, from_images = _xdance_references(root)
+    stems = _refs_by_stem(references, problems) if pairing in ("auto", "by_id") else {}
     if pairing == "auto":
-        pairing = "by_id" if by_stem else "cross"
+        if not any(f.name in stems for f in folders):
+            raise BenchmarkLayoutError(
+                f"the {len(references)} reference images of {root} do not name its clips (no image is called like a "
+                f"videos/ folder, e.g. {folders[0].name}.png), so the dataset defines no pairing here: set "
+                f"benchmark.dataset.pairing=cross (every reference with every clip: {len(references)} x "
+                f"{len(videos)} cases) or pairing=file with a CSV of reference,video pairs"
+            )
+        pairing = "by_id"
 
     pairs: list[tuple[str, str]] = []  # (reference id, video id)
     if pairing == "by_id":
-        if not by_stem:
-            raise BenchmarkLayoutError(
-                f"benchmark.dataset.pairing=by_id needs {root}/images/NNNNN.<ext>; this root has category folders: "
-                "use pairing=cross or pairing=file"
-            )
         for vid in (f.name for f in folders):
-            if vid not in references:
+            if vid not in stems:
                 others = ", ".join(IMAGE_SUFFIXES[1:])
-                problems.append(f"no reference image for video {vid}: expected images/{vid}.png (or {others})")
+                where = f"images/{vid}.png" if from_images else f"{XDANCE_CATEGORY_PREFIX}<category>/{vid}.png"
+                problems.append(f"no reference image for video {vid}: expected {where} (or {others})")
             elif vid in videos:
-                pairs.append((vid, vid))
+                pairs.append((stems[vid], vid))
     elif pairing == "cross":
         pairs = [(ref, vid) for ref in references for vid in videos]
     else:

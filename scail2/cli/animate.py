@@ -12,6 +12,10 @@ Examples::
         --character-masks a.mp4 b.mp4 --ref-character-masks a.png b.png --out out.mp4
     # with a LoRA adapter (peft folder or ComfyUI file, e.g. a DPO export), at 80% strength
     scail2-animate --model DIR --lora export/lora --lora-scale 0.8 --ref ref.png --driving dance.mp4 --out out.mp4
+    # the official SCAIL-2 release folder as downloaded, its DPO LoRA, and the CLIP file kept elsewhere
+    scail2-animate --model SCAIL-2 --lora SCAIL-2/model/bias-aware-dpo-lora.pt \\
+        --image-encoder Wan2.1-I2V-14B-720P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth \\
+        --ref ref.png --driving dance.mp4 --out out.mp4
 
 Every bad input (unreadable file, size not divisible by 32, mask frame count, off-palette mask colours, a model
 folder missing a component) is reported before the model is loaded, with exit code 2 and a message naming the
@@ -42,11 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Animate a reference image with a driving video (raw video: end-to-end; rendered "
         "skeleton/mesh: pose-driven) using a SCAIL-2 pipeline folder. See docs/inference.md.",
     )
-    p.add_argument("--model", type=Path, required=True, help="pipeline folder (transformer/, vae/, text_encoder/, ...)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="pipeline folder (transformer/, vae/, text_encoder/, ...) or the official SCAIL-2 release folder "
+        "(model/1/..., Wan2.1_VAE.pth, the umT5 / CLIP .pth files, umt5-xxl/)",
+    )
     p.add_argument("--ref", type=Path, required=True, help="reference image")
     p.add_argument("--driving", type=Path, required=True, help="driving video (raw video or rendered pose/mesh)")
     p.add_argument("--out", type=Path, required=True, help="output video (.mp4)")
     p.add_argument("--mode", choices=("animation", "replacement"), default="animation")
+    parts = p.add_argument_group("model components kept elsewhere (each replaces that part of --model)")
+    parts.add_argument("--transformer", type=Path, help="transformer folder or file (any layout, SAT checkpoint too)")
+    parts.add_argument("--vae", type=Path, help="VAE folder (diffusers) or Wan2.1_VAE.pth")
+    parts.add_argument("--text-encoder", type=Path, help="umT5 folder or models_t5_umt5-xxl-enc-bf16.pth")
+    parts.add_argument("--tokenizer", type=Path, help="umT5 tokenizer folder (e.g. umt5-xxl/)")
+    parts.add_argument(
+        "--image-encoder", type=Path, help="CLIP folder or models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+    )
+    parts.add_argument("--image-processor", type=Path, help="CLIP preprocessor_config.json folder")
     masks = p.add_argument_group("masks (optional for single-character animation)")
     masks.add_argument("--masks", type=Path, help="colour-coded driving mask video (same frames and size as --driving)")
     masks.add_argument("--ref-mask", type=Path, help="colour-coded reference mask image (same size as --ref)")
@@ -161,6 +180,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--out {args.out} is a folder; give a file name such as {args.out / 'out.mp4'}")
 
 
+def _component_paths(args: argparse.Namespace) -> dict[str, Path | None]:
+    return {
+        "transformer": args.transformer,
+        "vae": args.vae,
+        "text_encoder": args.text_encoder,
+        "tokenizer": args.tokenizer,
+        "image_encoder": args.image_encoder,
+        "image_processor": args.image_processor,
+    }
+
+
 def _strings(paths: list[Path] | None) -> list[str] | None:
     return None if paths is None else [str(p) for p in paths]
 
@@ -186,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _check_args(args)
         try:
-            check_folder(args.model)
-        except FileNotFoundError as exc:
+            check_folder(args.model, _component_paths(args))
+        except (FileNotFoundError, ValueError) as exc:
             raise InputError(str(exc)) from None
         optional = {
             "height": args.height,
@@ -226,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype, text_dtype = _dtypes(args, device)
     start = time.perf_counter()
     try:
+        parts = {f"{name}_path": path for name, path in _component_paths(args).items()}
         pipe = SCAIL2Pipeline.from_pretrained(
-            args.model, scheduler=args.scheduler, dtype=dtype, text_dtype=text_dtype, image_dtype=dtype
+            args.model, scheduler=args.scheduler, dtype=dtype, text_dtype=text_dtype, image_dtype=dtype, **parts
         )
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: cannot load the model from {args.model}: {exc}", file=sys.stderr)
+        print(f"error: cannot load the model from {args.model or 'the component paths'}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.lora is not None:
         scale = 1.0 if args.lora_scale is None else args.lora_scale

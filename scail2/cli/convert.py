@@ -2,8 +2,9 @@
 
 Examples::
 
-    # official SCAIL-2 release (SAT training checkpoint) -> our safetensors folder, bf16
-    scail2-convert model/1/fsdp2_rank_0000_checkpoint.pt ckpt/scail2-14b --dtype bf16 --num-heads 40
+    # the official SCAIL-2 release folder (finds model/<iteration>/fsdp2_rank_0000_checkpoint.pt) -> our
+    # safetensors folder in bf16, streamed tensor by tensor
+    scail2-convert SCAIL-2 ckpt/scail2-14b --dtype bf16
     # diffusers Wan2.1-I2V transformer -> SCAIL-2 initialisation for pretraining
     scail2-convert Wan2.1-I2V-14B-720P-Diffusers/transformer ckpt/scail2-init --init-scail2-from-i2v
     # our folder -> diffusers layout (plain Wan models only)
@@ -13,7 +14,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert Wan2.1 / SCAIL-2 transformer weights (diffusers, original Wan, SCAIL-2, SAT) "
         "to the scail2 safetensors layout or to diffusers.",
     )
-    p.add_argument("src", type=Path, help="weights file or folder (layout detected automatically)")
-    p.add_argument("dst", type=Path, help="output folder")
+    p.add_argument(
+        "src",
+        type=Path,
+        help="weights file or folder (layout detected automatically), or the official SCAIL-2 release folder",
+    )
+    p.add_argument("dst", type=Path, help="output folder (never inside the source folder)")
     p.add_argument("--to", choices=["scail2", "diffusers"], default="scail2", help="output layout")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="shard size of the safetensors files (e.g. 5GB)")
@@ -37,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-heads",
         type=int,
         default=None,
-        help="head count when the source has no config.json (default: width / 128, as in every Wan2.1 model)",
+        help="head count when the source records none (default: width / 128, as in every Wan2.1 model); "
+        "nothing is written next to the source",
     )
     p.add_argument(
         "--init-scail2-from-i2v",
@@ -49,28 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from scail2.models.loading import CheckpointError, load_transformer, save_pretrained, scail2_from_wan_i2v
+    from scail2.models.loading import (
+        CheckpointError,
+        build_model,
+        convert_checkpoint,
+        ensure_outside_source,
+        load_transformer,
+        save_pretrained,
+        scail2_from_wan_i2v,
+    )
 
-    src = args.src
-    if args.num_heads is not None:
-        cfg_file = (src if src.is_dir() else src.parent) / "config.json"
-        if cfg_file.exists():
-            print(f"error: --num-heads given but {cfg_file} exists; edit that file instead", file=sys.stderr)
-            return 2
-        cfg_file.write_text(json.dumps({"num_heads": args.num_heads}) + "\n")
-        print(f"wrote {cfg_file} with num_heads={args.num_heads}")
+    dtype = DTYPES.get(args.dtype) if args.dtype else None
     try:
-        model = load_transformer(src, dtype=DTYPES.get(args.dtype) if args.dtype else None)
         if args.init_scail2_from_i2v:
-            model = scail2_from_wan_i2v(model)
-        out = save_pretrained(model, args.dst, layout=args.to, max_shard_size=args.max_shard_size)
+            ensure_outside_source(args.src, args.dst)
+            # Builds the model in memory: the I2V -> SCAIL-2 initialisation edits the patch embedding.
+            model = scail2_from_wan_i2v(load_transformer(args.src, dtype=dtype, num_heads=args.num_heads))
+            out = save_pretrained(model, args.dst, layout=args.to, max_shard_size=args.max_shard_size)
+            config = model.config
+            params = model.num_params()
+        else:
+            out, config = convert_checkpoint(
+                args.src,
+                args.dst,
+                layout=args.to,
+                dtype=dtype,
+                max_shard_size=args.max_shard_size,
+                num_heads=args.num_heads,
+            )
+            params = build_model(config, device="meta").num_params()
     except (CheckpointError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
         return 1
-    c = model.config
-    kind = type(model).__name__
+    c = config
+    kind = "SCAIL2Transformer" if c.is_scail2 else "WanModel"
     print(
-        f"wrote {kind} ({model.num_params() / 1e9:.3f}B parameters, dim {c.dim}, {c.num_layers} layers, "
+        f"wrote {kind} ({params / 1e9:.3f}B parameters, dim {c.dim}, {c.num_layers} layers, "
         f"in_channels {c.in_channels}) to {out} in the {args.to} layout"
     )
     return 0

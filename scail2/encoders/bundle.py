@@ -10,8 +10,11 @@ Layout of `root` (the public ``Wan2.1-I2V-14B-720P-Diffusers`` release has exact
       image_encoder/    config.json, model.safetensors
       image_processor/  preprocessor_config.json
 
-Every component can also come from its own path (e.g. ``vae_path="/ckpt/Wan2.1_VAE.pth"``). All folders are
-checked before anything is loaded, and one error lists every missing file with where to get it.
+Every component can also come from its own path, including the original single files of the Wan2.1 and
+SCAIL-2 releases: ``vae_path="Wan2.1_VAE.pth"``, ``text_encoder_path="models_t5_umt5-xxl-enc-bf16.pth"`` (with
+``tokenizer_path="umt5-xxl"``) and ``image_encoder_path="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"``
+(Wan's CLIP preprocessing unless ``image_processor_path`` is given). All folders are checked before anything is
+loaded, and one error lists every missing file with where to get it.
 """
 
 from __future__ import annotations
@@ -72,10 +75,19 @@ class Encoders:
             "image_encoder": image_encoder_path,
             "image_processor": image_processor_path,
         }
-        missing_root = [name for name, p in paths.items() if p is None]
+        # A single Wan CLIP file brings Wan's preprocessing; a processor folder is used only when given or present.
+        wan_clip = image_encoder_path is not None and Path(image_encoder_path).is_file()
+        optional = {"image_processor"} if wan_clip else set()
+        missing_root = [name for name, p in paths.items() if p is None and name not in optional]
         if root is None and missing_root:
             raise ValueError(f"no root folder given and no path for {missing_root}; pass root= or those paths")
-        resolved = {name: Path(p) if p is not None else Path(root) / name for name, p in paths.items()}
+        resolved: dict[str, Path | None] = {
+            name: Path(p) if p is not None else (Path(root) / name if root is not None else None)
+            for name, p in paths.items()
+        }
+        processor = resolved["image_processor"]
+        if wan_clip and image_processor_path is None and (processor is None or not processor.is_dir()):
+            resolved["image_processor"] = None
 
         specs = {
             "vae": VAE_FILES,
@@ -87,8 +99,8 @@ class Encoders:
         problems = []
         for name, spec in specs.items():
             path = resolved[name]
-            if name == "vae" and path.is_file():  # an original Wan2.1_VAE.pth; checked by its loader
-                continue
+            if path is None or (name in ("vae", "text_encoder", "image_encoder") and path.is_file()):
+                continue  # single original files (Wan2.1_VAE.pth, the umT5 / CLIP .pth) are checked by their loaders
             message = missing_files(path, spec)
             if message is not None:
                 problems.append(message)

@@ -185,14 +185,34 @@ class ImageEncoder(nn.Module):
         resize: ResizeMode = "squash",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        num_heads: int | None = None,
     ) -> ImageEncoder:
-        """Load `model_path` (``config.json`` + ``model.safetensors``, e.g. ``image_encoder/``) and the processor
-        config from `processor_path` (e.g. ``image_processor/``; defaults to `model_path`)."""
-        model_path = require_files(Path(model_path), IMAGE_ENCODER_FILES)
-        preprocess = ClipPreprocess.from_pretrained(processor_path or model_path)
+        """Load `model_path` and the processor config from `processor_path` (e.g. ``image_processor/``).
+
+        `model_path` is a transformers folder (``config.json`` + ``model.safetensors``, e.g. ``image_encoder/``;
+        `processor_path` defaults to it) or the original Wan2.1 file
+        ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``, whose visual tower is loaded (see
+        ``scail2.encoders.wan_files``; `num_heads` defaults to ViT-H/14's 16) with Wan's preprocessing unless a
+        `processor_path` is given."""
         from transformers import CLIPVisionModel
 
-        model = CLIPVisionModel.from_pretrained(model_path, dtype=dtype, use_safetensors=True, local_files_only=True)
+        model_path = Path(model_path)
+        if model_path.is_file():
+            from scail2.encoders.wan_files import WAN_CLIP_HEADS, load_wan_clip, wan_clip_preprocess
+
+            model = load_wan_clip(model_path, dtype=dtype, num_heads=num_heads or WAN_CLIP_HEADS)
+            if processor_path is None:
+                preprocess = wan_clip_preprocess(int(model.config.image_size))
+            else:
+                preprocess = ClipPreprocess.from_pretrained(processor_path)
+        else:
+            if num_heads is not None:
+                raise ValueError("num_heads applies to a single Wan CLIP file; a folder's config.json has its own")
+            model_path = require_files(model_path, IMAGE_ENCODER_FILES)
+            preprocess = ClipPreprocess.from_pretrained(processor_path or model_path)
+            model = CLIPVisionModel.from_pretrained(
+                model_path, dtype=dtype, use_safetensors=True, local_files_only=True
+            )
         encoder = cls(model, preprocess, resize=resize)
         return encoder.to(device) if device is not None else encoder
 

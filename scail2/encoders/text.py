@@ -61,14 +61,33 @@ class TextEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> TextEncoder:
-        """Load `model_path` (``config.json`` + ``model.safetensors``, e.g. ``text_encoder/``) and the tokenizer
-        from `tokenizer_path` (e.g. ``tokenizer/``; defaults to `model_path`). Only safetensors weights load."""
-        model_path = require_files(Path(model_path), TEXT_ENCODER_FILES)
-        tokenizer_path = require_files(Path(tokenizer_path or model_path), TOKENIZER_FILES)
+        """Load `model_path` and the tokenizer from `tokenizer_path` (e.g. ``tokenizer/``; defaults to
+        `model_path` when that is a folder).
+
+        `model_path` is a transformers folder (``config.json`` + ``model.safetensors``, e.g. ``text_encoder/``) or
+        the original Wan2.1 file ``models_t5_umt5-xxl-enc-bf16.pth`` (then `tokenizer_path` is required: the
+        ``umt5-xxl/`` folder of the release), see ``scail2.encoders.wan_files``. Pickle files are read with
+        ``weights_only=True``."""
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        model_path = Path(model_path)
+        if model_path.is_file():
+            if tokenizer_path is None:
+                raise FileNotFoundError(
+                    f"{model_path} is a single Wan umT5 file; pass tokenizer_path= the umT5 tokenizer folder "
+                    "(umt5-xxl/ in the SCAIL-2 and Wan2.1 releases)"
+                )
+            from scail2.encoders.wan_files import load_wan_t5
+
+            tokenizer_path = require_files(Path(tokenizer_path), TOKENIZER_FILES)
+            model = load_wan_t5(model_path, dtype=dtype)
+        else:
+            model_path = require_files(model_path, TEXT_ENCODER_FILES)
+            tokenizer_path = require_files(Path(tokenizer_path or model_path), TOKENIZER_FILES)
+            model = UMT5EncoderModel.from_pretrained(
+                model_path, dtype=dtype, use_safetensors=True, local_files_only=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-        model = UMT5EncoderModel.from_pretrained(model_path, dtype=dtype, use_safetensors=True, local_files_only=True)
         encoder = cls(model, tokenizer, text_len=text_len)
         return encoder.to(device) if device is not None else encoder
 

@@ -11,7 +11,6 @@ latents (B, 16, (F - 1) // 4 + 1, H / 8, W / 8).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,7 +127,8 @@ class WanVAE(nn.Module):
         """Load an original Wan2.1 VAE checkpoint (``Wan2.1_VAE.pth`` or an original-key ``.safetensors``).
 
         The file holds weights only, so the architecture comes from `config` (a diffusers VAE folder or its
-        ``config.json``); without it, `AutoencoderKLWan`'s defaults are used, which are the Wan2.1 VAE.
+        ``config.json``); without it, `AutoencoderKLWan`'s defaults (the Wan2.1 VAE, with its latent mean/std),
+        with the base width and latent channel count read off the file's first convolution and quant conv.
         diffusers' own `AutoencoderKLWan.from_single_file` would fetch that config from the model hub, which is
         why it is not used here. Original key names are mapped with diffusers' Wan VAE converter; a file that
         already uses diffusers key names loads as is. Pickle files are read with ``weights_only=True``.
@@ -151,7 +151,12 @@ class WanVAE(nn.Module):
         if "decoder.middle.0.residual.0.gamma" in state:
             state = convert_wan_vae_to_diffusers(state)
         if config is None:
-            model = AutoencoderKLWan()
+            geometry = {}
+            if "encoder.conv_in.weight" in state:
+                geometry["base_dim"] = int(state["encoder.conv_in.weight"].shape[0])
+            if "quant_conv.weight" in state:
+                geometry["z_dim"] = int(state["quant_conv.weight"].shape[0]) // 2
+            model = AutoencoderKLWan(**geometry)
         else:
             if not Path(config).exists():
                 raise FileNotFoundError(
@@ -257,20 +262,16 @@ class WanVAE(nn.Module):
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a flat name -> tensor dict without running pickled code (safetensors, or torch.load weights_only)."""
+    """Read a flat name -> tensor dict without running pickled code (safetensors, or the weights-only loader)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
     else:
-        # weights_only=True refuses anything but tensors and plain containers, so a crafted file cannot run code.
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(
-                f"{path} holds pickled objects other than tensors and is not loaded (unpickling can run code); "
-                "save the VAE state dict alone (torch.save(model.state_dict(), ...)) or as .safetensors"
-            ) from exc
+        from scail2.utils.torch_files import load_torch_file
+
+        # weights_only loading refuses anything but tensors and plain containers: a crafted file cannot run code.
+        state = load_torch_file(path, what="a Wan VAE state dict", loads="Wan2.1_VAE.pth (a dict of tensors) or .safetensors")
     # Some trainers wrap the weights as {"state_dict": {...}}.
     while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

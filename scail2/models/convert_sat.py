@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -140,16 +140,17 @@ def sat_module_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Tensor]:
     raise TypeError("not a SAT checkpoint: expected a dict with a 'module' state dict, or a state dict")
 
 
-def sat_to_wan(state: Mapping[str, Tensor], *, clone: bool = True) -> dict[str, Tensor]:
-    """Rename a SAT SCAIL-2 (or SAT Wan2.1-I2V) state dict to Wan2.1 names, splitting the fused projections.
+def sat_plan(keys: Iterable[str]) -> dict[str, tuple[str, int, int]]:
+    """Where every Wan2.1 tensor of a SAT state dict comes from, without touching the tensors.
 
-    Keys may carry the ``model.diffusion_model.`` prefix or not. Unknown keys raise ``KeyError`` listing them.
-    With ``clone`` False the split q/k/v (and k/v) tensors are views of the fused SAT tensor (no extra memory,
-    but they share storage, which e.g. ``safetensors.save_file`` refuses).
+    Returns ``{wan_key: (sat_key, part, parts)}``: the Wan tensor is part ``part`` of ``parts`` equal chunks of
+    ``sat_key`` along dim 0 (``parts`` is 1 for a plain rename). Keys may carry ``model.diffusion_model.`` or
+    not; unknown keys raise ``KeyError`` listing them.
     """
-    out: dict[str, Tensor] = {}
+    keys = list(keys)
+    out: dict[str, tuple[str, int, int]] = {}
     unknown: list[str] = []
-    for key, value in state.items():
+    for key in keys:
         name = key[len(SAT_PREFIX) :] if key.startswith(SAT_PREFIX) else key
         for pat, rule in _SAT_PATTERNS:
             m = pat.match(name)
@@ -158,25 +159,39 @@ def sat_to_wan(state: Mapping[str, Tensor], *, clone: bool = True) -> dict[str, 
         else:
             unknown.append(key)
             continue
-        n = len(rule.wan)
-        if n == 1:
-            parts: tuple[Tensor, ...] = (value,)
-        else:
-            if value.shape[0] % n:
-                raise ValueError(f"{key}: fused size {value.shape[0]} is not divisible into {n} equal parts")
-            parts = tuple(value.chunk(n, dim=0))
-            if clone:
-                parts = tuple(p.clone() for p in parts)
-        for template, part in zip(rule.wan, parts):
+        for j, template in enumerate(rule.wan):
             new = _name(template, m)
             if new in out:
                 raise ValueError(f"two SAT keys map to {new!r} (is the same tensor present with and without prefix?)")
-            out[new] = part
+            out[new] = (key, j, len(rule.wan))
     if unknown:
         hint = ""
-        if "module" in state:
+        if "module" in keys:
             hint = "; this looks like a whole checkpoint file, pass sat_module_state(checkpoint) instead"
         raise _unknown_error("SAT", unknown, hint)
+    return out
+
+
+def take_part(value: Tensor, part: int, parts: int, key: str = "tensor") -> Tensor:
+    """Part ``part`` of ``parts`` equal chunks of ``value`` along dim 0 (a view; ``value`` itself if 1 part)."""
+    if parts == 1:
+        return value
+    if value.shape[0] % parts:
+        raise ValueError(f"{key}: fused size {value.shape[0]} is not divisible into {parts} equal parts")
+    return value.chunk(parts, dim=0)[part]
+
+
+def sat_to_wan(state: Mapping[str, Tensor], *, clone: bool = True) -> dict[str, Tensor]:
+    """Rename a SAT SCAIL-2 (or SAT Wan2.1-I2V) state dict to Wan2.1 names, splitting the fused projections.
+
+    Keys may carry the ``model.diffusion_model.`` prefix or not. Unknown keys raise ``KeyError`` listing them.
+    With ``clone`` False the split q/k/v (and k/v) tensors are views of the fused SAT tensor (no extra memory,
+    but they share storage, which e.g. ``safetensors.save_file`` refuses).
+    """
+    out: dict[str, Tensor] = {}
+    for new, (key, part, parts) in sat_plan(state).items():
+        value = take_part(state[key], part, parts, key)
+        out[new] = value.clone() if clone and parts > 1 else value
     return out
 
 

@@ -11,8 +11,12 @@ Layouts recognised by :func:`load_transformer`:
 * **diffusers**: a ``WanTransformer3DModel`` folder (``_class_name``/``num_attention_heads`` in config.json).
 * **sat**: the released SCAIL-2 training checkpoint (``model/<iteration>/fsdp2_rank_0000_checkpoint.pt``, a
   ``torch.save`` dict whose ``"module"`` holds ``model.diffusion_model.*`` weights with fused q/k/v), see
-  ``scail2.models.convert_sat``. Its NumPy RNG state is admitted through a narrow ``weights_only``
-  allow-list; nothing else is unpickled.
+  ``scail2.models.convert_sat``; the release folder or its ``model/`` folder may be given instead
+  (:func:`find_sat_checkpoint`). Its NumPy RNG state (pickled under NumPy 1) is admitted through a narrow
+  ``weights_only`` allow-list (``scail2.utils.torch_files``); nothing else is unpickled.
+
+:func:`convert_checkpoint` converts any of these to the scail2 or diffusers layout tensor by tensor, and
+:func:`load_transformer` memory-maps zip-format torch files, so neither holds a checkpoint twice.
 
 The model class follows the weights: ``patch_embedding_mask`` present -> :class:`SCAIL2Transformer`, else
 :class:`WanModel`. Keys are checked strictly; shape mismatches and missing/unexpected keys are all listed.
@@ -26,11 +30,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from scail2.utils.torch_files import TORCH_SUFFIXES, CheckpointError, describe_file, load_torch_file
+
 from .config import SCAIL2_CLASS, SCAIL2_IN_CHANNELS, SCAIL2_MASK_CHANNELS, WAN_CLASS, TransformerConfig
-from .convert_sat import sat_to_wan
+from .convert_sat import sat_plan, take_part
 from .convert import (
     config_from_diffusers,
     config_from_wan_state,
@@ -39,17 +44,15 @@ from .convert import (
     wan_to_diffusers,
 )
 from .scail2 import SCAIL2Transformer
+from .streaming import TensorEntry, TensorSource, parse_size, plan_shards, write_safetensors
 from .wan import WanModel
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message says which file or key and what to do."""
+# File names of the SAT training checkpoint in model/<iteration>/ (FSDP2 runs, DeepSpeed runs).
+SAT_CHECKPOINT_NAMES: tuple[str, ...] = ("fsdp2_rank_0000_checkpoint.pt", "mp_rank_00_model_states.pt")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -68,40 +71,84 @@ def _weight_files(folder: Path) -> list[Path]:
     candidates = sorted(folder.glob("*.safetensors"))
     if candidates:
         return candidates
+    found = sorted(p.name for p in folder.iterdir())[:12]
     raise CheckpointError(
-        f"no weights in {folder}: expected {WEIGHTS_NAME} or shards listed in {INDEX_NAME} (or *.safetensors)"
+        f"no transformer weights in {folder} (found {found}); expected {WEIGHTS_NAME} or shards listed in "
+        f"{INDEX_NAME} (or *.safetensors), or an official SCAIL-2 release folder with "
+        f"model/<iteration>/{SAT_CHECKPOINT_NAMES[0]}"
     )
+
+
+def find_sat_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The SAT training checkpoint of an official SCAIL-2 release folder, or None when ``folder`` is not one.
+
+    Accepted: the release root (``model/latest`` + ``model/<iteration>/fsdp2_rank_0000_checkpoint.pt`` or
+    ``mp_rank_00_model_states.pt``), its ``model/`` folder, or an iteration folder. ``latest`` names the
+    iteration; without it the only iteration folder holding a checkpoint is taken (several: an error).
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        return None
+    for name in SAT_CHECKPOINT_NAMES:  # an iteration folder itself
+        if (p / name).is_file():
+            return p / name
+    model_dir = p / "model" if (p / "model").is_dir() else p
+    latest = model_dir / "latest"
+    if latest.is_file():
+        iteration = latest.read_text().strip()
+        for name in SAT_CHECKPOINT_NAMES:
+            if (model_dir / iteration / name).is_file():
+                return model_dir / iteration / name
+        raise CheckpointError(
+            f"{latest} names iteration {iteration!r} but {model_dir / iteration} holds none of "
+            f"{list(SAT_CHECKPOINT_NAMES)}; download the checkpoint into it"
+        )
+    found = sorted(
+        d / name for d in model_dir.iterdir() if d.is_dir() for name in SAT_CHECKPOINT_NAMES if (d / name).is_file()
+    )
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{model_dir} holds several SAT checkpoints {[str(f) for f in found]} and no 'latest' file naming one; "
+            "pass the checkpoint file itself"
+        )
+    return found[0] if found else None
+
+
+def resolve_transformer_path(path: str | os.PathLike) -> Path:
+    """The weights a transformer path refers to: a file as is; a folder of safetensors as is; an official
+    SCAIL-2 release folder (or its ``model/`` folder) -> its SAT checkpoint file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint at {p}")
+    if p.is_file():
+        return p
+    if (p / INDEX_NAME).exists() or any(p.glob("*.safetensors")):
+        return p
+    sat = find_sat_checkpoint(p)
+    return sat if sat is not None else p
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a weights file or folder (safetensors, or torch files with ``weights_only=True``).
 
     Torch files saved by training frameworks often wrap the weights (``{"module": ...}``,
-    ``{"state_dict": ...}``, ``{"model": ...}``); one such level is unwrapped.
+    ``{"state_dict": ...}``, ``{"model": ...}``); one such level is unwrapped. Zip-format torch files are
+    memory-mapped, so their tensors are read from disk only when used. A release folder is resolved with
+    :func:`resolve_transformer_path`.
     """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"no checkpoint at {p}")
+    p = resolve_transformer_path(path)
     files = _weight_files(p) if p.is_dir() else [p]
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            part = load_file(str(f), device="cpu")
-        elif f.suffix in _PICKLE_SUFFIXES:
-            try:
-                with torch.serialization.safe_globals(_rng_state_globals()):
-                    part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # noqa: BLE001 - reported with the file name
-                raise CheckpointError(
-                    f"{f} cannot be loaded with torch.load(weights_only=True) ({exc}); scail2 never unpickles "
-                    "arbitrary objects: re-save the weights as safetensors"
-                ) from exc
-            for wrapper in ("module", "state_dict", "model"):
-                if isinstance(part, dict) and wrapper in part and isinstance(part[wrapper], dict):
-                    part = part[wrapper]
-                    break
+            part = read_safetensors(f)
+        elif f.suffix in TORCH_SUFFIXES:
+            part = _unwrap(load_torch_file(f, what="transformer weights"), f)
         else:
-            raise CheckpointError(f"unknown weight file type {f.name}: use .safetensors (or .pt/.pth/.bin)")
+            raise CheckpointError(
+                f"{f} is {describe_file(f)} with suffix {f.suffix!r}; transformer weights load from .safetensors "
+                f"(or {'/'.join(TORCH_SUFFIXES)}) files or folders"
+            )
         dup = set(part) & set(state)
         if dup:
             raise CheckpointError(f"keys appear in more than one shard ({f.name}): {sorted(dup)[:5]}")
@@ -109,22 +156,40 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _rng_state_globals() -> list:
-    """NumPy types that a saved ``np.random.get_state()`` needs under ``weights_only`` loading (training
-    checkpoints such as SCAIL-2's SAT files store it next to the weights). Only array reconstruction and
-    dtypes are admitted: no callables beyond NumPy's own array constructor."""
-    import numpy as np
-
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a file that is not one is reported with what it is."""
     try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; reported with the file
+        raise CheckpointError(
+            f"{path} ({describe_file(path)}) cannot be read as safetensors ({exc}); re-download or re-save it"
+        ) from exc
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict of a loaded torch file: the file itself, or one wrapper level (module/state_dict/model)."""
+    for wrapper in ("module", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(
+            f"{path} holds non-tensor entries {bad[:8]} next to its weights; expected a state dict "
+            "(optionally under 'module', 'state_dict' or 'model')"
+        )
+    return obj
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "model.")  # torch.compile, DDP, Lightning wrappers
+
+
+def _strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
     # Wrappers such as torch.compile ("_orig_mod.") or DDP ("module.") prefix every key.
-    for prefix in ("_orig_mod.", "module.", "model."):
+    state = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
@@ -153,29 +218,88 @@ def _read_config(p: Path) -> dict[str, Any] | None:
     return json.loads(cfg_file.read_text()) if cfg_file.exists() else None
 
 
-def load_state_and_config(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TransformerConfig, str]:
-    """Weights renamed to Wan2.1 names, the geometry they describe, and the layout they were stored in."""
-    p = Path(path)
+Plan = dict[str, tuple[str, int, int]]  # Wan key -> (source key, part, parts along dim 0)
+
+
+def rename_plan(keys: list[str], raw_cfg: Mapping[str, Any] | None) -> tuple[Plan, str]:
+    """Where every Wan2.1-named tensor comes from in a checkpoint with these keys, and the checkpoint's layout.
+
+    Only names are looked at, so the plan of a 65 GB file costs nothing; :func:`apply_plan` (in memory) and
+    :func:`convert_checkpoint` (streaming) carry it out.
+    """
+    layout = detect_layout(set(keys), raw_cfg)
+    if layout == "sat":
+        return sat_plan(keys), layout
+    stripped = _strip_prefix({k: k for k in keys})  # stripped name -> original key
+    layout = detect_layout(set(stripped), raw_cfg)
+    if layout == "diffusers":
+        renamed = diffusers_to_wan(stripped)
+    else:
+        renamed = stripped
+    return {new: (old, 0, 1) for new, old in renamed.items()}, layout
+
+
+def planned_shapes(plan: Plan, shape_of) -> dict[str, tuple[int, ...]]:
+    """Shapes of the planned tensors from the source shapes (``shape_of(source_key)``), without reading data."""
+    out = {}
+    for new, (key, part, parts) in plan.items():
+        shape = tuple(shape_of(key))
+        if parts > 1:
+            if shape[0] % parts:
+                raise CheckpointError(f"{key}: fused size {shape[0]} is not divisible into {parts} equal parts")
+            shape = (shape[0] // parts, *shape[1:])
+        out[new] = shape
+    return out
+
+
+def config_for(
+    layout: str, shapes: Mapping[str, tuple[int, ...]], raw_cfg: Mapping[str, Any] | None, num_heads: int | None
+) -> TransformerConfig:
+    """The geometry of Wan2.1-named weights of these shapes stored in ``layout`` (with its config.json, if any).
+
+    ``num_heads`` overrides the head count (needed only when no config.json records one and the width is not
+    a multiple of 128, the Wan2.1 head size).
+    """
+    if layout == "scail2":
+        cfg = TransformerConfig.from_dict(raw_cfg)
+    elif layout == "diffusers" and raw_cfg is not None and "num_attention_heads" in raw_cfg:
+        cfg = config_from_diffusers(raw_cfg)
+    else:
+        wan_cfg = dict(raw_cfg or {}) if layout == "wan" else {}
+        if layout == "sat" and raw_cfg and "num_heads" in raw_cfg:
+            wan_cfg["num_heads"] = raw_cfg["num_heads"]
+        if num_heads is not None:
+            wan_cfg["num_heads"] = num_heads
+        return config_from_wan_state(shapes, wan_cfg or None)
+    if num_heads is not None and num_heads != cfg.num_heads:
+        raise CheckpointError(
+            f"num_heads={num_heads} was given but the checkpoint's config.json says {cfg.num_heads}; drop the option"
+        )
+    return cfg
+
+
+def apply_plan(plan: Plan, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Carry out a rename plan in memory; parts of fused tensors are copied (they must not share storage)."""
+    out = {}
+    for new, (key, part, parts) in plan.items():
+        value = take_part(state[key], part, parts, key)
+        out[new] = value.clone() if parts > 1 else value
+    return out
+
+
+def load_state_and_config(
+    path: str | os.PathLike, num_heads: int | None = None
+) -> tuple[dict[str, torch.Tensor], TransformerConfig, str]:
+    """Weights renamed to Wan2.1 names, the geometry they describe, and the layout they were stored in.
+
+    ``path`` may be any layout of the module docstring, or an official SCAIL-2 release folder.
+    """
+    p = resolve_transformer_path(path)
     raw_cfg = _read_config(p)
     state = read_state_dict(p)
-    layout = detect_layout(set(state), raw_cfg)
-    if layout == "sat":
-        state = sat_to_wan(state)
-        layout_cfg = {"num_heads": raw_cfg["num_heads"]} if raw_cfg and "num_heads" in raw_cfg else None
-        return state, config_from_wan_state({k: tuple(v.shape) for k, v in state.items()}, layout_cfg), layout
-    state = _strip_prefix(state)
-    layout = detect_layout(set(state), raw_cfg)
-    if layout == "diffusers":
-        state = diffusers_to_wan(state)
-        if raw_cfg is not None and "num_attention_heads" in raw_cfg:
-            cfg = config_from_diffusers(raw_cfg)
-        else:
-            cfg = config_from_wan_state({k: tuple(v.shape) for k, v in state.items()})
-    elif layout == "scail2":
-        cfg = TransformerConfig.from_dict(raw_cfg)
-    else:
-        cfg = config_from_wan_state({k: tuple(v.shape) for k, v in state.items()}, raw_cfg)
-    return state, cfg, layout
+    plan, layout = rename_plan(list(state), raw_cfg)
+    cfg = config_for(layout, planned_shapes(plan, lambda k: state[k].shape), raw_cfg, num_heads)
+    return apply_plan(plan, state), cfg, layout
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -188,15 +312,14 @@ def build_model(config: TransformerConfig, device: torch.device | str | None = N
         return model_class(config)(config)
 
 
-def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], assign: bool = False) -> None:
-    """Strict load that lists every missing, unexpected and mis-shaped key in one error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def check_shapes(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise one ``CheckpointError`` listing every missing, unexpected and mis-shaped key (model vs checkpoint)."""
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(own[k])}"
+        for k in sorted(set(own) & set(found))
+        if tuple(found[k]) != tuple(own[k])
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -207,20 +330,57 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], assign:
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+
+
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], assign: bool = False) -> None:
+    """Strict load that lists every missing, unexpected and mis-shaped key in one error."""
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state, strict=True, assign=assign)
 
 
+def open_source(path: str | os.PathLike) -> tuple[TensorSource, dict[str, Any] | None]:
+    """The tensors of a transformer checkpoint (any layout, or a release folder) read lazily, and its config.json."""
+    p = resolve_transformer_path(path)
+    files = _weight_files(p) if p.is_dir() else [p]
+    for f in files:
+        if f.suffix != ".safetensors" and f.suffix not in TORCH_SUFFIXES:
+            raise CheckpointError(
+                f"{f} is {describe_file(f)} with suffix {f.suffix!r}; transformer weights load from .safetensors "
+                f"(or {'/'.join(TORCH_SUFFIXES)}) files or folders"
+            )
+    return TensorSource(files, _unwrap), _read_config(p)
+
+
 def load_transformer(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    num_heads: int | None = None,
 ) -> WanModel:
-    """Load a Wan2.1 or SCAIL-2 transformer from any supported layout (see module docstring).
+    """Load a Wan2.1 or SCAIL-2 transformer from any supported layout (see module docstring), or from an
+    official SCAIL-2 release folder (its ``model/<iteration>/`` SAT checkpoint).
 
     The model is built on the meta device and the checkpoint tensors are assigned, so a large model is never
-    held twice in memory.
+    held twice in memory: zip-format torch files are memory-mapped, and when ``dtype`` casts a tensor the pages
+    of the source tensor are handed back right after. ``num_heads``: the head count when the checkpoint
+    records none and the width is not a multiple of 128.
     """
-    state, cfg, _ = load_state_and_config(path)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    source, raw_cfg = open_source(path)
+    plan, layout = rename_plan(source.keys(), raw_cfg)
+    cfg = config_for(layout, planned_shapes(plan, source.shape), raw_cfg, num_heads)
+    remaining = {}
+    for key, _, _ in plan.values():
+        remaining[key] = remaining.get(key, 0) + 1
+    state: dict[str, torch.Tensor] = {}
+    for new, (key, part, parts) in plan.items():
+        src = source.get(key)
+        value = take_part(src, part, parts, key)
+        copied = dtype is not None and value.dtype != dtype
+        value = value.to(dtype) if copied else (value.clone() if parts > 1 else value)
+        state[new] = value
+        remaining[key] -= 1
+        if remaining[key] == 0 and (copied or parts > 1):
+            source.release(key)  # every tensor taken from it is a copy now
     model = build_model(cfg, device="meta")
     load_into(model, state, assign=True)
     return model.to(device)
@@ -278,6 +438,114 @@ def save_pretrained(
     return out
 
 
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_NAME]
+    stem = WEIGHTS_NAME.removesuffix(".safetensors")
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def ensure_outside_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` when ``dst`` is a source folder or lies inside it, or is the folder of a source
+    file: conversions never write into what they read."""
+    src, dst = Path(src), Path(dst)
+    resolved = resolve_transformer_path(src)
+    target = dst.resolve()
+    if src.is_dir():  # a checkpoint or release folder: nothing may be written into it
+        guarded = src.resolve()
+        inside = target == guarded or guarded in target.parents
+    else:  # a file: its own folder may not receive the output files (a subfolder is a folder of its own)
+        guarded = resolved.parent.resolve()
+        inside = target in (guarded, resolved.resolve())
+    if inside:
+        raise CheckpointError(
+            f"the output {dst} lies in the source folder {guarded}; scail2-convert never writes into the source: "
+            f"choose a folder outside it (e.g. {guarded.parent / (guarded.name + '-scail2')})"
+        )
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    layout: str = "scail2",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    num_heads: int | None = None,
+) -> tuple[Path, TransformerConfig]:
+    """Convert a transformer checkpoint (any layout, or an official SCAIL-2 release folder) to ``layout``
+    ("scail2" or "diffusers") under ``dst``, streaming: one tensor is read, renamed/split, cast and written at a
+    time, so peak memory stays near the largest tensor whatever the file size (zip-format torch files are
+    memory-mapped and their pages handed back after use).
+
+    Nothing is written into the source (``dst`` may not be the source folder, lie inside it, or be the folder
+    of a source file), and the output appears only when complete (written to a temporary folder, then moved).
+    ``num_heads``: the head count when the checkpoint records none and its width is not a multiple of 128.
+    Returns the output folder and the model geometry.
+    """
+    src, dst = Path(src), Path(dst)
+    ensure_outside_source(src, dst)
+    resolved = resolve_transformer_path(src)
+    if layout not in ("scail2", "diffusers"):
+        raise ValueError(f"unknown layout {layout!r}; use 'scail2' or 'diffusers'")
+    source, raw_cfg = open_source(resolved)
+    plan, src_layout = rename_plan(source.keys(), raw_cfg)
+    shapes = planned_shapes(plan, source.shape)
+    cfg = config_for(src_layout, shapes, raw_cfg, num_heads)
+    meta = build_model(cfg, device="meta")
+    check_shapes({k: tuple(v.shape) for k, v in meta.state_dict().items()}, shapes)
+    if layout == "scail2":
+        names = {k: k for k in plan}
+        config_json = {"_class_name": model_class(cfg).__name__, "_scail2_format": FORMAT_VERSION, **cfg.to_dict()}
+    else:
+        config_json = config_to_diffusers(cfg)  # raises for SCAIL-2 models
+        names = {wan: out for out, wan in wan_to_diffusers({k: k for k in plan}).items()}
+
+    remaining: dict[str, int] = {}
+    for key, _, _ in plan.values():
+        remaining[key] = remaining.get(key, 0) + 1
+
+    def entry(new: str) -> TensorEntry:
+        key, part, parts = plan[new]
+        out_dtype = dtype or source.dtype(key)
+
+        def produce() -> torch.Tensor:
+            return take_part(source.get(key), part, parts, key).to(out_dtype)
+
+        def done() -> None:
+            remaining[key] -= 1
+            if remaining[key] == 0:
+                source.release(key)
+
+        return TensorEntry(names[new], shapes[new], out_dtype, produce, done)
+
+    entries = [entry(new) for new in sorted(plan, key=lambda k: names[k])]
+    shards = plan_shards(entries, parse_size(max_shard_size))
+    files = _shard_names(len(shards))
+    tmp = dst.with_name(dst.name + ".tmp-convert")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    total = 0
+    for name, shard in zip(files, shards):
+        total += write_safetensors(tmp / name, shard, metadata={"format": "pt"})
+    if len(files) > 1:
+        weight_map = {e.name: name for name, shard in zip(files, shards) for e in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in list(dst.glob("diffusion_pytorch_model*.safetensors*")) + [dst / CONFIG_NAME]:
+        if old.exists():
+            old.unlink()
+    for f in tmp.iterdir():
+        f.replace(dst / f.name)
+    tmp.rmdir()
+    return dst, cfg
+
+
 # ---------------------------------------------------------------------------------------------- init
 def scail2_from_wan_i2v(wan: WanModel) -> SCAIL2Transformer:
     """A SCAIL-2 model for pretraining, initialised from Wan2.1-I2V weights.
@@ -312,6 +580,10 @@ def scail2_from_wan_i2v(wan: WanModel) -> SCAIL2Transformer:
 __all__ = [
     "CheckpointError",
     "build_model",
+    "convert_checkpoint",
+    "ensure_outside_source",
+    "find_sat_checkpoint",
+    "resolve_transformer_path",
     "detect_layout",
     "load_into",
     "load_state_and_config",

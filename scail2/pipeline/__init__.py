@@ -7,7 +7,9 @@
 - `schedulers`: `make_scheduler` (UniPC or Euler, flow matching with a time shift);
 - `inputs`: `prepare_inputs` (loading, resizing, mask building and checks) and `PipelineInputError`;
 - `segments`: `plan_segments` / `output_length` (long videos);
-- `layout`: the folder layout and its checks; `tiny`: `save_tiny_pipeline` for tests.
+- `layout`: the folder layouts (pipeline folder, the official release folder) and their checks;
+- `presets`: `SAMPLING_PRESETS`, named sampling recipes (the official defaults, the lightx2v distilled LoRA's);
+- `tiny`: `save_tiny_pipeline` for tests.
 
 Importing this package loads no model and imports neither diffusers nor transformers.
 """

@@ -52,8 +52,9 @@ class LoadedLoRA:
     path: Path
     scale: float
     merged: bool  # folded into the weights: cannot be unloaded
-    rank: int
+    rank: int  # 0 for a file of weight deltas only
     alpha: float
+    deltas: int = 0  # full-shape weight / bias deltas (``diff`` / ``diff_b``) applied with the adapter
 
 
 @dataclass
@@ -147,6 +148,11 @@ class SCAIL2Pipeline:
     ) -> "SCAIL2Pipeline":
         """Load every component from ``path`` (layout in ``scail2.pipeline.layout``) or from its own path.
 
+        ``path`` is a pipeline folder (``transformer/``, ``vae/`` ...), a Wan2.1-I2V diffusers folder with a
+        SCAIL-2 ``transformer/``, or the official SCAIL-2 release folder as downloaded (``model/1/...`` SAT
+        checkpoint, ``Wan2.1_VAE.pth``, the umT5 and CLIP ``.pth`` files, ``umt5-xxl/``). ``*_path`` arguments
+        point at components kept elsewhere (folders or those single files).
+
         All files are checked first; one ``FileNotFoundError`` lists every missing file. ``dtype`` is the
         transformer's (default: as stored); ``text_dtype`` should be bfloat16 for the real umT5-XXL (float16
         overflows); the VAE is best kept in float32. ``scheduler`` "unipc" | "euler" replaces the saved
@@ -179,10 +185,10 @@ class SCAIL2Pipeline:
             text_dtype=text_dtype,
             image_dtype=image_dtype,
         )
-        if paths["scheduler"].is_dir():
+        if paths["scheduler"] is not None and paths["scheduler"].is_dir():
             sched = load_scheduler(paths["scheduler"])
         else:
-            log.info("no scheduler folder at %s; sampling with UniPC, shift %s", paths["scheduler"], 5.0)
+            log.info("no scheduler folder (%s); sampling with UniPC, shift %s", paths["scheduler"], 5.0)
             sched = make_scheduler("unipc")
         if scheduler is not None:
             sched = make_scheduler(scheduler, scheduler_shift(sched))
@@ -202,7 +208,10 @@ class SCAIL2Pipeline:
     ) -> "SCAIL2Pipeline":
         """Load a LoRA adapter into the transformer: a peft folder (``adapter_model.safetensors`` +
         ``adapter_config.json``) or a ComfyUI ``.safetensors`` file, as ``scail2.lora.save_lora`` writes them
-        (the DPO export's ``lora/`` and ``lora_comfyui.safetensors``).
+        (the DPO export's ``lora/`` and ``lora_comfyui.safetensors``); the same keys without the
+        ``diffusion_model.`` prefix; the released ``bias-aware-dpo-lora.pt`` (SAT container) as it is; and files
+        with ``diff`` / ``diff_b`` weight deltas such as the lightx2v step-distill LoRA (see ``scail2.lora``;
+        its sampling recipe: ``scail2.pipeline.presets``).
 
         Loading is strict: every adapter in the file must fit a layer of the transformer and every layer its
         pattern selects must have weights; anything else raises ``ValueError`` naming the file and what does not
@@ -214,7 +223,7 @@ class SCAIL2Pipeline:
 
         One adapter at a time: loading a second one raises; call :meth:`unload_lora` first.
         """
-        from scail2.lora import load_lora, lora_layers, merge_lora, set_lora_scale
+        from scail2.lora import load_lora, lora_layers, merge_lora, set_lora_scale, weight_deltas
 
         if self._lora is not None:
             if self._lora.merged:
@@ -231,15 +240,17 @@ class SCAIL2Pipeline:
         was_training = transformer.training
         grads = {id(p): p.requires_grad for p in transformer.parameters()}
         load_lora(transformer, path, check_base=check_base)
-        layer = next(iter(lora_layers(transformer).values()))
-        rank, alpha = int(layer.r["default"]), float(layer.lora_alpha["default"])
+        layer = next(iter(lora_layers(transformer).values()), None)
+        rank = int(layer.r["default"]) if layer is not None else 0
+        alpha = float(layer.lora_alpha["default"]) if layer is not None else 0.0
+        deltas = len(weight_deltas(transformer))
         set_lora_scale(transformer, scale)
         if merge:
             merge_lora(transformer)
         transformer.train(was_training)
         for p in transformer.parameters():
             p.requires_grad_(grads.get(id(p), False))
-        self._lora = LoadedLoRA(Path(path), scale, merge, rank, alpha)
+        self._lora = LoadedLoRA(Path(path), scale, merge, rank, alpha, deltas)
         log.info("loaded LoRA %s (rank %d, scale %g%s)", path, rank, scale, ", merged" if merge else "")
         return self
 
@@ -266,7 +277,7 @@ class SCAIL2Pipeline:
         """
         from scail2.models.loading import save_pretrained as save_transformer
 
-        if any(".base_layer." in name for name, _ in self.transformer.named_parameters()):
+        if any(".base_layer." in name or ".parametrizations." in name for name, _ in self.transformer.named_parameters()):
             where = f" ({self._lora.path})" if self._lora is not None else ""
             raise ValueError(
                 f"the transformer carries an unmerged LoRA adapter{where}; call unload_lora() to save the base "
