@@ -124,6 +124,9 @@ class TrainConfig:
     # CPU only: treat denormal floats as zero. Adam's second moments of rarely-updated weights decay into the
     # denormal range, where CPU arithmetic is orders of magnitude slower; flushing them changes nothing visible.
     flush_denormal: bool = True
+    # torch intra-op threads for the run (None: the process's default, e.g. from OMP_NUM_THREADS). CPU results
+    # depend on it in the last bits, so a resume is bit-exact only with the same count (recorded in checkpoints).
+    threads: Optional[int] = None
     tags: List[str] = field(default_factory=list)
     # Config keys this run cannot start without (e.g. data.cache_dir); an experiment lists them, the entry point
     # refuses to start while any is null. (A `???` in a group file cannot do this: merging `???` over a

@@ -35,6 +35,7 @@ import torch
 from torch.optim import Optimizer
 
 from scail2.data.batch import MotionBatch
+from scail2.lit.checkpoint import runtime_differences, runtime_settings
 from scail2.lit.validation import ValidationConfig, ValidationResult
 from scail2.models.wan import WanModel
 
@@ -339,6 +340,7 @@ class SCAIL2Module(L.LightningModule):
             "world_size": world,
             "seed": self.seed,
             "nonfinite_skips": self.nonfinite_skips,
+            "runtime": runtime_settings(self.trainer),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -347,6 +349,7 @@ class SCAIL2Module(L.LightningModule):
             return
         info = checkpoint["scail2"]
         self.nonfinite_skips = int(info["nonfinite_skips"])
+        self._check_runtime(info.get("runtime"))
         world = self.trainer.world_size
         if int(info["world_size"]) == world:
             state = info["generator_states"][self.global_rank].to(torch.uint8)
@@ -362,6 +365,20 @@ class SCAIL2Module(L.LightningModule):
                 "re-seeded from the step, so losses differ from an uninterrupted run",
                 info["world_size"],
                 world,
+            )
+
+    def _check_runtime(self, saved: dict[str, Any] | None) -> None:
+        """Warn, naming both values, for every setting that makes this resume differ from an uninterrupted run."""
+        if saved is None:
+            log.warning("the checkpoint does not record its process settings (thread count, precision, ...): "
+                        "whether this resume is bit-exact cannot be checked")
+            return
+        differences = runtime_differences(saved, runtime_settings(self.trainer))
+        if differences and self.global_rank == 0:
+            log.warning(
+                "resuming with other settings than the checkpoint was written with; the run continues, but its "
+                "losses and weights will differ (in the last bits or more) from an uninterrupted run:\n  %s",
+                "\n  ".join(differences),
             )
 
     # ------------------------------------------------------------------------------------------------ validation

@@ -123,3 +123,47 @@ def read_run_record(checkpoint: Path) -> dict[str, Any] | None:
     """The MLflow run record of ``checkpoint`` (a file or sharded folder in ``<run_dir>/checkpoints``), or None."""
     path = Path(checkpoint).parent.parent / RUN_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------- reproducibility
+# What a resumed run needs to be equal, bit for bit, to an uninterrupted one, beyond the state a checkpoint holds
+# (weights, optimizer, schedule, data position, noise generators) and the config: the numerical environment.
+# The number of intra-op threads decides how CPU kernels split their reductions (matrix products, sums over a
+# batch), so the same step computed with 1 and with 2 threads differs in the last bits; on GPU, non-deterministic
+# kernels (atomics, cuBLAS workspaces) do the same unless `trainer.deterministic` is on.
+RUNTIME_FORMAT = 1
+
+
+def runtime_settings(trainer: Any) -> dict[str, Any]:
+    """The settings of this process that a bit-exact resume depends on (stored with every checkpoint)."""
+    device = trainer.strategy.root_device
+    return {
+        "format": RUNTIME_FORMAT,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion does not load with weights_only
+        "device": device.type,
+        "cuda": str(torch.version.cuda) if device.type == "cuda" else None,
+        "intra_op_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "precision": str(trainer.precision),
+        "world_size": int(trainer.world_size),
+    }
+
+
+# How to make each setting equal on resume.
+_RUNTIME_FIX = {
+    "torch": "install the torch version the checkpoint was written with",
+    "device": "resume on the same kind of device",
+    "cuda": "resume with the same CUDA build of torch",
+    "intra_op_threads": "set threads={saved} or OMP_NUM_THREADS={saved}",
+    "deterministic_algorithms": "set trainer.deterministic={saved}",
+    "precision": "set trainer.precision={saved}",
+}  # world_size is compared, with its own consequence (re-seeded noise streams), by the module
+
+
+def runtime_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One message per setting that differs between the checkpoint's process and this one (empty if none)."""
+    out = []
+    for key, fix in _RUNTIME_FIX.items():
+        if key in saved and saved[key] != current.get(key):
+            out.append(f"{key}: checkpoint {saved[key]!r}, now {current.get(key)!r} ({fix.format(saved=saved[key])})")
+    return out

@@ -155,23 +155,53 @@ def result_params(cfg) -> int:
     return instantiate(cfg.model, "model")().num_params()
 
 
-def test_resume_in_a_new_process_is_bit_exact(data_root, tmp_path, mlflow_uri):
-    """8 steps straight vs 4 steps, then ``ckpt_path=last`` in a new process: same losses, same weights, and
-    the resumed process continues the same MLflow run."""
+# Resume is bit-exact for a fixed torch thread count (docs/training.md, "What a resume reproduces"). Every run here
+# sets it (`threads=1`), so the result depends neither on the pytest process's threads nor on the machine's load.
+RESUME = ("optim.scheduler.total_steps=8", "callbacks.checkpoint.every_n_train_steps=4", "threads=1")
+OTHER_SETTINGS = "resuming with other settings than the checkpoint was written with"
+
+
+@pytest.fixture(scope="module")
+def resume_runs(data_root, tmp_path_factory, mlflow_uri) -> dict:
+    """8 steps straight and the first 4 steps of the same run (checkpoint at step 4), both in this process."""
+    out = tmp_path_factory.mktemp("resume")
+    straight_losses = LossRecorder()
+    straight = train(
+        compose_run(data_root, out / "a", *RESUME, f"logger.tracking_uri={mlflow_uri}", "trainer.max_steps=8", "run_name=straight"),
+        extra_callbacks=[straight_losses],
+    )
+    first = train(compose_run(data_root, out / "b", *RESUME, f"logger.tracking_uri={mlflow_uri}", "trainer.max_steps=4", "run_name=resumed"))
+    return {"out": out, "straight": straight, "losses": straight_losses.losses, "first": first}
+
+
+def _resume_here(data_root, out: Path, ckpt: Path, *extra: str) -> list[float]:
+    """The losses of steps 5-8 resumed from ``ckpt`` in this process."""
+    losses = LossRecorder()
+    cfg = compose_run(data_root, out, *RESUME, *QUIET, "trainer.max_steps=8", *extra)
+    cfg.ckpt_path = str(ckpt)  # set after composing: the file name's "=" would need quoting on a command line
+    train(cfg, extra_callbacks=[losses])
+    return losses.losses
+
+
+def test_resume_in_a_new_process_is_bit_exact(data_root, resume_runs, mlflow_uri):
+    """``ckpt_path=last`` in a new process gives the losses and weights of the uninterrupted run bit for bit, and
+    continues the same MLflow run. The new process is told another thread count by its environment, which
+    `threads=1` overrides: the setting, not the environment, decides."""
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    common = ("optim.scheduler.total_steps=8", "callbacks.checkpoint.every_n_train_steps=4", f"logger.tracking_uri={mlflow_uri}")
-    straight = train(compose_run(data_root, tmp_path / "a", *common, "trainer.max_steps=8", "run_name=straight"))
-    first = train(compose_run(data_root, tmp_path / "b", *common, "trainer.max_steps=4", "run_name=resumed"))
-
-    overrides = train_overrides(data_root, tmp_path / "b", *common, "trainer.max_steps=8", "run_name=resumed", "ckpt_path=last")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = resume_runs["out"]
+    straight, first = resume_runs["straight"], resume_runs["first"]
+    overrides = train_overrides(data_root, out / "b", *RESUME, f"logger.tracking_uri={mlflow_uri}", "trainer.max_steps=8",
+                                "run_name=resumed", "ckpt_path=last")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "scail2.train", *overrides], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        [sys.executable, "-m", "scail2.train", *overrides], capture_output=True, text=True, env=env, cwd=out, timeout=600
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr + proc.stdout
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "resuming from" in log
+    assert OTHER_SETTINGS not in log  # the checkpoint's recorded settings equal the resumed process's
 
     client = MlflowClient(mlflow_uri)
 
@@ -180,11 +210,86 @@ def test_resume_in_a_new_process_is_bit_exact(data_root, tmp_path, mlflow_uri):
 
     assert len(history(straight.run_id)) == 8
     assert history(first.run_id) == history(straight.run_id)  # steps 5-8 were added to the same run, bit-exact
-    resumed_dirs = [p for p in (tmp_path / "b" / "resumed").glob("*/model") if p.parent.name != "run"]
+    resumed_dirs = [p for p in (out / "b" / "resumed").glob("*/model") if p.parent.name != "run"]
     assert len(resumed_dirs) == 1  # the new process's run folder
     a = load_file(straight.export_dir / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed_dirs[0] / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_record_the_settings_resume_depends_on(resume_runs):
+    ckpt = torch.load(resume_runs["first"].checkpoint_dir / "step=0000004.ckpt", weights_only=True)
+    runtime = ckpt["scail2"]["runtime"]
+    assert runtime["intra_op_threads"] == 1  # `threads=1`, whatever the pytest process uses
+    assert runtime["torch"] == torch.__version__ and runtime["device"] == "cpu" and runtime["world_size"] == 1
+    assert runtime["deterministic_algorithms"] is False and runtime["precision"] == "32-true"
+
+
+def test_train_restores_the_thread_count(data_root, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if before != 2 else 3)
+    try:
+        expected = torch.get_num_threads()
+        train(compose_run(data_root, tmp_path, *QUIET, "debug=fast_dev_run", "threads=1"))
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_threads_must_be_positive(data_root, tmp_path, bad):
+    from scail2.config.instantiate import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"threads={bad}: need a positive number"):
+        train(compose_run(data_root, tmp_path, *QUIET, "debug=fast_dev_run", f"threads={bad}"))
+
+
+def test_resume_with_another_thread_count_is_close_and_warned(data_root, resume_runs, tmp_path, caplog):
+    """With 2 threads instead of the checkpoint's 1 the resume is not bit-exact, but stays within a tolerance
+    of the uninterrupted run, and a warning names the setting and both values."""
+    ckpt = resume_runs["first"].checkpoint_dir / "step=0000004.ckpt"
+    with caplog.at_level("WARNING", logger="scail2"):
+        losses = _resume_here(data_root, tmp_path, ckpt, "threads=2")
+    assert OTHER_SETTINGS in caplog.text and "intra_op_threads: checkpoint 1, now 2 (set threads=1 or OMP_NUM_THREADS=1)" in caplog.text
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(resume_runs["losses"][4:]), rtol=1e-4, atol=0)
+
+
+def _tampered(ckpt: Path, folder: Path, change) -> Path:
+    data = torch.load(ckpt, weights_only=True)
+    change(data)
+    path = folder / "checkpoints" / ckpt.name
+    path.parent.mkdir(parents=True)
+    torch.save(data, path)
+    return path
+
+
+def _drop_optimizer_state(c):
+    c["optimizer_states"][0]["state"] = {}
+
+
+def _rewind_data(c):
+    c["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] = 0
+
+
+def _reseed_noise(c):
+    c["scail2"]["generator_states"] = torch.Generator().manual_seed(123).get_state().to(torch.int32)[None]
+
+
+@pytest.mark.parametrize("change", [None, _drop_optimizer_state, _rewind_data, _reseed_noise],
+                         ids=["intact", "optimizer", "data-order", "noise"])
+def test_the_comparison_catches_a_wrong_resume(data_root, resume_runs, tmp_path, change):
+    """The bit-exact comparison is sensitive: an intact checkpoint resumed in this process equals the uninterrupted
+    run, and one whose optimizer state, data position or noise generator is not restored does not."""
+    ckpt = resume_runs["first"].checkpoint_dir / "step=0000004.ckpt"
+    if change is not None:
+        ckpt = _tampered(ckpt, tmp_path / "tampered", change)
+    losses = _resume_here(data_root, tmp_path / "run", ckpt)
+    expected = resume_runs["losses"][4:]
+    assert len(losses) == len(expected) == 4
+    if change is None:
+        assert losses == expected
+    else:
+        assert losses != expected
 
 
 def test_interrupted_checkpoint_is_never_picked(tmp_path):
