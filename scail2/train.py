@@ -14,7 +14,6 @@ it, validation samples, checkpoints, exported model) are printed at the end.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -151,28 +150,23 @@ def build_trainer(cfg: DictConfig, run_id: str | None = None, extra_callbacks: S
     return instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=callbacks, logger=logger, plugins=plugins)
 
 
-@contextlib.contextmanager
-def _threads(count: int | None):
-    """Run with ``count`` torch intra-op threads (None: leave the process's), then restore the previous count."""
-    import torch
-
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any = None) -> TrainResult:
     """Build everything from a composed config and fit; returns where the outputs are.
 
     ``extra_callbacks`` are added to the configured ones; ``datamodule`` replaces ``cfg.data`` (both for use from
-    Python, e.g. tests and notebooks).
+    Python, e.g. tests and notebooks). The run's CPU numerics (``threads``, ``flush_denormal``) are set first, before
+    any parallel work, and the caller's are restored afterwards (`scail2.utils.cpu.cpu_numerics`).
     """
+    from scail2.utils.cpu import cpu_numerics
+
+    threads = cfg.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r}: need a positive number of torch threads, or null for the default")
+    with cpu_numerics(threads, cfg.flush_denormal or None):
+        return _train(cfg, extra_callbacks, datamodule)
+
+
+def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> TrainResult:
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -184,18 +178,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any 
     _absolute_paths(cfg)
     _check_complete(cfg)
     validate_targets(cfg)
-    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1):
-        raise ConfigError(f"threads={cfg.threads!r}: need a positive number of torch threads, or null for the default")
     is_zero = rank_zero_only.rank == 0
     if cfg.print_config and is_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
     run_dir = Path(cfg.paths.run_dir)
     ckpt_path, record = resolve_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.flush_denormal:
-        import torch
-
-        torch.set_flush_denormal(True)  # a process-wide CPU setting; a no-op where unsupported
 
     if datamodule is None:
         datamodule = instantiate(cfg.data, "data")
@@ -216,8 +204,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any 
     if ckpt_path is not None and is_zero:
         log.info("resuming from %s%s", ckpt_path, f" (MLflow run {record['run_id']})" if record else "")
 
-    with _threads(cfg.threads):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
 
     export = next((cb for cb in trainer.callbacks if isinstance(cb, ExportModel)), None)
     last = Path(checkpoint_cb.last_model_path) if checkpoint_cb is not None and checkpoint_cb.last_model_path else None

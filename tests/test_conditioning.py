@@ -65,14 +65,14 @@ def test_construction_errors_name_the_field():
 
 def test_conditioning_imports_no_layer_above_it():
     # The conditioning package sits below data, objectives, pipeline and training: importing all of it (in a
-    # fresh interpreter) loads none of them, so there is no import cycle through it.
+    # fresh interpreter) loads none of them, so there is no import cycle through it. (utils is the leaf layer.)
     code = (
         "import sys, scail2.conditioning, scail2.conditioning.encode, scail2.conditioning.packing, "
         "scail2.conditioning.masks, scail2.conditioning.batch\n"
         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('scail2.') and m.count('.') >= 1}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(out) == ["conditioning", "models"]
+    assert set(eval(out)) <= {"conditioning", "models", "utils"} and "conditioning" in eval(out)
     from scail2.bench import cases
     from scail2.data import batch
 

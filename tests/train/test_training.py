@@ -225,13 +225,17 @@ def test_checkpoints_record_the_settings_resume_depends_on(resume_runs):
     assert runtime["deterministic_algorithms"] is False and runtime["precision"] == "32-true"
 
 
-def test_train_restores_the_thread_count(data_root, tmp_path):
+def test_train_restores_the_callers_cpu_numerics(data_root, tmp_path):
+    """A run sets its thread count and denormal flushing and gives the process back as it was."""
+    from scail2.utils.cpu import flush_denormal_enabled
+
     before = torch.get_num_threads()
     torch.set_num_threads(2 if before != 2 else 3)
     try:
         expected = torch.get_num_threads()
-        train(compose_run(data_root, tmp_path, *QUIET, "debug=fast_dev_run", "threads=1"))
-        assert torch.get_num_threads() == expected
+        assert not flush_denormal_enabled()
+        train(compose_run(data_root, tmp_path, *QUIET, "debug=fast_dev_run", "threads=1", "flush_denormal=true"))
+        assert torch.get_num_threads() == expected and not flush_denormal_enabled()
     finally:
         torch.set_num_threads(before)
 
