@@ -29,7 +29,7 @@ from common import interleaved, versions, write_result  # noqa: E402
 from scail2.data.batch import MotionBatch, PreferenceBatch  # noqa: E402
 from scail2.lit.networks import scail2_transformer  # noqa: E402
 from scail2.lora import LoRASpec, add_lora  # noqa: E402
-from scail2.models.parallel import apply_activation_checkpointing  # noqa: E402
+from scail2.models.parallelize import apply_activation_checkpointing  # noqa: E402
 from scail2.objectives.dpo import DPOConfig, dpo_loss  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
 
