@@ -86,9 +86,12 @@ class SequenceParallel:
 
     def broadcast_(self, tensors: list[torch.Tensor]) -> None:
         """Copy the group's first rank's values into ``tensors`` on every rank (in place)."""
-        src = dist.get_global_rank(self.group, 0) if self.group is not dist.group.WORLD else 0
+        src = dist.get_global_rank(self.group, 0)
         for t in tensors:
-            dist.broadcast(t, src=src, group=self.group)
+            buf = t if t.is_contiguous() else t.contiguous()
+            dist.broadcast(buf, src=src, group=self.group)
+            if buf is not t:
+                t.copy_(buf)
 
 
 # ----------------------------------------------------------------------------------------------- collectives
