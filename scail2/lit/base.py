@@ -132,7 +132,7 @@ class SCAIL2Module(L.LightningModule):
         module's activation checkpointing, compilation and attention kernel."""
         if self.net is not None:  # Lightning may call this more than once (e.g. with weight averaging)
             return
-        from scail2.lit.strategies import _MeshStrategy
+        from scail2.lit.strategies import MeshStrategy
         from scail2.models.parallelize import parallelize
 
         mesh = self._device_mesh
@@ -152,7 +152,7 @@ class SCAIL2Module(L.LightningModule):
             attention_backend=self.attention_backend,
         )
         strategy = self.trainer.strategy
-        if isinstance(strategy, _MeshStrategy):
+        if isinstance(strategy, MeshStrategy):
             strategy.parallelize(net, **settings)
         elif mesh is not None:
             raise TypeError(

@@ -53,7 +53,7 @@ def single_device(accelerator: str = "auto") -> SingleDeviceStrategy:
     raise ValueError(f"strategy=single supports trainer.accelerator cpu, gpu or auto; got {accelerator!r}")
 
 
-class _MeshStrategy:
+class MeshStrategy:
     """What `DDPStrategy` and `FSDP2Strategy` share: the ``(dp, sp)`` mesh, the sampler's view of it, and the
     call of `parallelize`. ``self.mesh`` is None until the processes are set up (and for DDP without
     sequence parallelism)."""
@@ -121,17 +121,17 @@ class _MeshStrategy:
 
 def data_parallel(strategy: Strategy) -> tuple[int, int]:
     """(rank, size) among the data-parallel replicas: ranks that share sequences count as one replica."""
-    if isinstance(strategy, _MeshStrategy):
+    if isinstance(strategy, MeshStrategy):
         return strategy.data_parallel
     return strategy.global_rank, strategy.world_size
 
 
 def sequence_parallel_size(strategy: Strategy) -> int:
     """Ranks that share one sequence under ``strategy`` (1 without sequence parallelism)."""
-    return strategy.sequence_parallel if isinstance(strategy, _MeshStrategy) else 1
+    return strategy.sequence_parallel if isinstance(strategy, MeshStrategy) else 1
 
 
-class DDPStrategy(_MeshStrategy, _LightningDDPStrategy):
+class DDPStrategy(MeshStrategy, _LightningDDPStrategy):
     """Lightning's DDP (a full model copy per process, gradients all-reduced) with optional sequence parallelism.
 
     Args:
@@ -163,7 +163,7 @@ class DDPStrategy(_MeshStrategy, _LightningDDPStrategy):
             self.mesh = self._build_mesh(self.root_device.type, self.world_size)
 
 
-class FSDP2Strategy(_MeshStrategy, ModelParallelStrategy):
+class FSDP2Strategy(MeshStrategy, ModelParallelStrategy):
     """FSDP2 over all processes (parameters, gradients and optimizer state sharded per block), with optional
     Ulysses sequence parallelism: Lightning's ``ModelParallelStrategy`` with a ``(dp, sp)`` device mesh.
 

@@ -253,6 +253,9 @@ def _outside_blocks(c: TransformerConfig, layout: Layout, seg: dict[str, int], l
     return embed + text + image + rope + head
 
 
+_FIELDS = ("activation_checkpointing", "strategy", "precision", "batch")
+
+
 def suggestions(config: TransformerConfig, layout: Layout, setup: Setup, device_bytes: float) -> list[tuple[str, MemoryPlan]]:
     """Single changes that make the job fit (``(override, plan)``), in this order: activation checkpointing,
     FSDP2, bf16 compute copies, sequence parallelism (the smallest degree first; divisors of the world size and
@@ -271,30 +274,25 @@ def suggestions(config: TransformerConfig, layout: Layout, setup: Setup, device_
             options.append((f"strategy.sequence_parallel={sp}", replace(s, sequence_parallel=sp)))
     if s.batch > 1:
         options.append(("data.batch_size=1 (raise trainer.accumulate_grad_batches to keep the batch)", replace(s, batch=1)))
-    # Single changes first; then everything that helps at once.
-    out = [(o, plan_memory(config, layout, st)) for o, st in options]
-    fits = [(o, p) for o, p in out if p.fits(device_bytes)]
+    fits = [(o, plan_memory(config, layout, st)) for o, st in options]
+    fits = [(o, p) for o, p in fits if p.fits(device_bytes)]
     if fits or not options:
         return fits
-    combined = s
+    # Everything that helps at once, with the smallest sequence-parallel degree that fits.
+    together = s
     names = []
     for o, st in options:
-        if o.startswith("strategy.sequence_parallel"):
+        if not o.startswith("strategy.sequence_parallel"):
+            together = replace(together, **{k: getattr(st, k) for k in _FIELDS if getattr(st, k) != getattr(s, k)})
+            names.append(o)
+    for sp in range(s.sequence_parallel, s.world_size + 1):
+        if s.world_size % sp or config.num_heads % sp:
             continue
-        combined = _merge(combined, st)
-        names.append(o)
-    for o, st in options:
-        if o.startswith("strategy.sequence_parallel"):
-            p = plan_memory(config, layout, replace(combined, sequence_parallel=st.sequence_parallel))
-            if p.fits(device_bytes):
-                return [(" ".join([*names, o]), p)]
+        p = plan_memory(config, layout, replace(together, sequence_parallel=sp))
+        if p.fits(device_bytes):
+            extra = [f"strategy.sequence_parallel={sp}"] if sp != s.sequence_parallel else []
+            return [(" ".join(names + extra), p)]
     return []
-
-
-def _merge(a: Setup, b: Setup) -> Setup:
-    default = Setup()
-    changes = {k: getattr(b, k) for k in a.__dataclass_fields__ if getattr(b, k) != getattr(a, k) and getattr(b, k) != getattr(default, k)}
-    return replace(a, **changes)
 
 
 def report(plan: MemoryPlan, device_bytes: float | None = None) -> str:
