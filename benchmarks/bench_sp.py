@@ -1,12 +1,12 @@
 """Sequence parallelism on 2 processes: step time and per-rank activation bytes of SP=2 against SP=1.
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_sp.py            # CPU, gloo
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_sp.py            # CPU, gloo, 2 rounds
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_sp.py --device cuda
 
 Both ranks build the same network twice: a plain copy (SP=1: every rank runs the whole sequence of its own
 sample, as data parallelism does) and a copy parallelized over both ranks (SP=2: the two ranks share one
 sample's sequence). A step is forward, flow-matching loss, backward and the gradient all-reduce (DDP's
-reduction); the two variants are timed in alternation. Reported per variant: seconds per step, seconds per
+reduction); the two variants are timed in alternation, in ``--rounds`` separate rounds (all recorded). Reported per variant: seconds per step, seconds per
 sample (SP=1 processes 2 samples per step on 2 ranks, SP=2 one), and the activation bytes one rank saves for
 backward (saved-tensor hooks) next to the memory planner's estimate. Rank 0 writes
 benchmarks/results/sp_<device>.json.
@@ -41,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -66,7 +67,8 @@ def main() -> None:
         return run
 
     steps = {"sp1": step(plain, own, 1.0), "sp2": step(sp, shared, 2.0)}
-    timing = interleaved(steps, repeats=args.repeats, warmup=1)
+    rounds = [interleaved(steps, repeats=args.repeats, warmup=1 if r == 0 else 0) for r in range(args.rounds)]
+    timing = rounds[-1]
     g = torch.Generator().manual_seed(1)
     saved = {
         "sp1": saved_activation_bytes(plain, lambda: flow_matching_loss(plain, own, g, cfg).loss),
@@ -89,17 +91,20 @@ def main() -> None:
             for name in steps
         }
         results["sp2_over_sp1"] = {
-            "step_time": timing["sp2"]["median_s"] / timing["sp1"]["median_s"],
+            "step_time_per_round": [t["sp2"]["median_s"] / t["sp1"]["median_s"] for t in rounds],
             "activation_bytes": saved["sp2"] / saved["sp1"],
         }
-        for name in steps:
+        results["rounds"] = rounds
+        for name in steps:  # the last round
             r = results[name]
             print(f"{name}: {r['timing']['median_s'] * 1e3:.0f} ms/step, {r['seconds_per_sample'] * 1e3:.0f} ms/sample, "
                   f"activations {saved[name] / 2**20:.1f} MiB/rank (planner {planned[name] / 2**20:.1f})")
-        print(f"SP=2 / SP=1: step time {results['sp2_over_sp1']['step_time']:.2f}, activation bytes per rank "
+        ratios = ", ".join(f"{v:.2f}" for v in results["sp2_over_sp1"]["step_time_per_round"])
+        print(f"SP=2 / SP=1: step time {ratios} (per round), activation bytes per rank "
               f"{results['sp2_over_sp1']['activation_bytes']:.2f}")
         tokens = sum(layout.tokens().values())
-        path = write_result(f"sp_{args.device}.json", {"versions": versions(), "threads": torch.get_num_threads(),
+        launcher = f"torchrun --standalone --nproc_per_node={dist.get_world_size()}"
+        path = write_result(f"sp_{args.device}.json", {"launcher": launcher, "versions": versions(), "threads": torch.get_num_threads(),
                                                         "case": CASE, "tokens_per_sample": tokens, "results": results})
         print(f"wrote {path}")
     dist.destroy_process_group()
