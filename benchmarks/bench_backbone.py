@@ -23,7 +23,7 @@ from common import interleaved, versions, write_result  # noqa: E402
 
 from scail2.models import WanModel  # noqa: E402
 from scail2.models.convert import config_from_diffusers, diffusers_to_wan  # noqa: E402
-from scail2.models.parallel import apply_activation_checkpointing  # noqa: E402
+from scail2.models.parallelize import apply_activation_checkpointing  # noqa: E402
 
 CONFIGS = {
     # name: (diffusers config, latent (T, H, W), text tokens)

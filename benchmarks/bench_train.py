@@ -5,8 +5,13 @@ driving tokens, umT5 text and CLIP tokens), as `scail2.lit.PretrainModule` runs 
 adapters, AdamW) on the tiny and small cases, as `scail2.lit.DPOModule` runs it (``*_dpo``: pairs/s).
 
     python benchmarks/bench_train.py                  # CPU: tiny and small models, samples/s (float32)
-    python benchmarks/bench_train.py --device cuda    # + the 1.3B preset at 480p, 81 frames: MFU (bf16 autocast,
-                                                      #   activation checkpointing), peak from --peak-flops
+    python benchmarks/bench_train.py --device cuda    # + the 1.3B and 14B geometries at 480p, 81 frames: MFU
+                                                      #   (bf16 autocast, activation checkpointing), peak from
+                                                      #   --peak-flops
+
+The 14B step with AdamW does not fit one GPU (16.4B parameters: 260 GB of weights, gradients and moments), so
+the 14B case keeps the full width, heads and sequence and as many of its 40 blocks as the memory planner
+(`scail2.models.memory`) says fit the GPU (MFU is a per-FLOP ratio: it does not depend on the depth).
 
 MFU = 3 x the model's forward FLOPs (`flops_for_inputs`: all linear layers, convolutions and attention
 products) / step time / peak FLOP/s of one device; recomputation under activation checkpointing is not counted.
@@ -16,6 +21,7 @@ Results go to benchmarks/results/train_<device>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +35,7 @@ from common import interleaved, versions, write_result  # noqa: E402
 from scail2.conditioning import Condition, MotionBatch, PreferenceBatch  # noqa: E402
 from scail2.lit.networks import scail2_transformer  # noqa: E402
 from scail2.lora import LoRASpec, add_lora  # noqa: E402
-from scail2.models.parallel import apply_activation_checkpointing  # noqa: E402
+from scail2.models.parallelize import apply_activation_checkpointing  # noqa: E402
 from scail2.objectives.dpo import DPOConfig, dpo_loss  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
 
@@ -47,7 +53,27 @@ CUDA_CASES = {
     "wan2.1-1.3b_480p": dict(
         preset="wan2.1-1.3b", overrides={}, batch=1, frames=81, height=480, width=832, text_len=512, image_len=257
     ),
+    # num_layers: set by fit_layers (at most the preset's 40).
+    "wan2.1-14b_480p": dict(
+        preset="wan2.1-14b", overrides={}, batch=1, frames=81, height=480, width=832, text_len=512, image_len=257
+    ),
 }
+
+
+def fit_layers(case: dict, free_bytes: float, checkpointing: bool) -> int:
+    """The most blocks of ``case``'s geometry whose training step (bf16 autocast, AdamW) the planner fits into
+    ``free_bytes``."""
+    from scail2.models.config import scail2_config
+    from scail2.models.memory import Layout, Setup, plan_memory
+
+    layout = Layout.from_pixels(case["frames"], case["height"], case["width"], text_tokens=case["text_len"],
+                                image_tokens=case["image_len"])
+    setup = Setup(precision="bf16-autocast", activation_checkpointing=checkpointing, batch=case["batch"])
+    full = scail2_config(case["preset"]).num_layers
+    for n in range(full, 0, -1):
+        if plan_memory(scail2_config(case["preset"], num_layers=n), layout, setup).fits(free_bytes):
+            return n
+    raise SystemExit(f"{case['preset']}: not even one block fits {free_bytes / 2**30:.0f} GiB")
 
 
 def random_batch(net, case: dict, device: str, generator: torch.Generator) -> MotionBatch:
@@ -154,12 +180,9 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     torch.set_flush_denormal(True)  # as scail2-train does on CPU
-    cases = dict(CPU_CASES)
-    if args.device == "cuda":
-        cases.update(CUDA_CASES)
     checkpointing = args.device == "cuda" and not args.no_checkpointing
     steps, meta = {}, {}
-    for name, case in cases.items():
+    for name, case in CPU_CASES.items():
         step, flops, tokens, params = make_step(case, args.device, checkpointing)
         steps[name] = step
         meta[name] = dict(case=case, params=params, forward_flops=flops, tokens=tokens)
@@ -168,6 +191,19 @@ def main() -> None:
         steps[f"{name}_dpo"] = step
         meta[f"{name}_dpo"] = dict(case=case, params=params, forward_flops=flops, tokens=tokens, dpo=True)
     timing = interleaved(steps, repeats=args.repeats, warmup=2)
+    if args.device == "cuda":
+        # The large steps one at a time (each needs most of the GPU; GPU timings need no interleaving).
+        for name, case in CUDA_CASES.items():
+            if name == "wan2.1-14b_480p":
+                free, _ = torch.cuda.mem_get_info()
+                case["overrides"] = {"num_layers": fit_layers(case, free, checkpointing)}
+                print(f"{name}: {case['overrides']['num_layers']} of 40 blocks fit {free / 2**30:.0f} GiB")
+            step, flops, tokens, params = make_step(case, args.device, checkpointing)
+            timing.update(interleaved({name: step}, repeats=args.repeats, warmup=2))
+            meta[name] = dict(case=case, params=params, forward_flops=flops, tokens=tokens)
+            del step
+            gc.collect()
+            torch.cuda.empty_cache()
     results = {}
     for name, info in meta.items():
         seconds = timing[name]["median_s"]

@@ -17,6 +17,10 @@ Examples::
         --image-encoder Wan2.1-I2V-14B-720P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth \\
         --ref ref.png --driving dance.mp4 --out out.mp4
 
+    # one video on 4 GPUs: every denoising step is spread over them (Ulysses sequence parallelism)
+    torchrun --nproc_per_node 4 -m scail2.cli.animate --sequence-parallel 4 --model DIR --ref ref.png \\
+        --driving dance.mp4 --out out.mp4
+
 Every bad input (unreadable file, size not divisible by 32, mask frame count, off-palette mask colours, a model
 folder missing a component) is reported before the model is loaded, with exit code 2 and a message naming the
 value and the fix.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the VAE always in fp32",
     )
     r.add_argument("--offload", action="store_true", help="keep idle models on the CPU (less GPU memory)")
+    r.add_argument(
+        "--sequence-parallel", type=int, default=1, metavar="N",
+        help="spread every denoising step over N processes started by torchrun --nproc_per_node N (one GPU each)",
+    )
+    r.add_argument(
+        "--attention-backend", choices=("sdpa", "flash3", "flash2", "math"), default=None,
+        help="attention kernel (default sdpa: torch picks flash / memory-efficient kernels itself)",
+    )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -174,6 +187,19 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--lora {args.lora} does not exist; give a peft folder or a ComfyUI .safetensors file")
         if args.lora.is_dir() and not (args.lora / PEFT_WEIGHTS).is_file():
             raise InputError(f"--lora {args.lora} is a folder without {PEFT_WEIGHTS}; give a peft adapter folder")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sequence_parallel < 1:
+        raise InputError(f"--sequence-parallel {args.sequence_parallel}; need at least 1")
+    if args.sequence_parallel != world:
+        if args.sequence_parallel == 1:
+            raise InputError(
+                f"started as {world} processes (WORLD_SIZE={world}) without --sequence-parallel: pass "
+                f"--sequence-parallel {world} to spread one video over them, or run a single process"
+            )
+        raise InputError(
+            f"--sequence-parallel {args.sequence_parallel} needs {args.sequence_parallel} processes: run "
+            f"torchrun --nproc_per_node {args.sequence_parallel} -m scail2.cli.animate ... (WORLD_SIZE is {world})"
+        )
     if args.out.suffix.lower() not in VIDEO_SUFFIXES:
         raise InputError(f"--out {args.out} has suffix {args.out.suffix!r}; use one of {VIDEO_SUFFIXES} (e.g. out.mp4)")
     if args.out.exists() and args.out.is_dir():
@@ -246,13 +272,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from scail2.models.loading import CheckpointError
-    from scail2.pipeline.pipeline import SCAIL2Pipeline
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {device} but no CUDA device is available; use --device cpu", file=sys.stderr)
         return EXIT_BAD_INPUT
+    started_group = False
+    if args.sequence_parallel > 1:
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            started_group = True
+    try:
+        return _animate(args, prepared, device)
+    finally:
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _animate(args: argparse.Namespace, prepared, device: str) -> int:
+    """Load the pipeline and write the video (global rank 0 prints and writes under sequence parallelism)."""
+    from scail2.models.loading import CheckpointError
+    from scail2.pipeline.pipeline import SCAIL2Pipeline
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     dtype, text_dtype = _dtypes(args, device)
     start = time.perf_counter()
     try:
@@ -271,7 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"error: cannot load the LoRA adapter {args.lora}: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        print(f"LoRA {args.lora}: rank {pipe.lora_loaded.rank}, scale {scale:g}{', merged' if args.merge_lora else ''}")
+        if main_rank:
+            print(f"LoRA {args.lora}: rank {pipe.lora_loaded.rank}, scale {scale:g}{', merged' if args.merge_lora else ''}")
+    if args.attention_backend is not None:
+        from scail2.models.attention import set_attention_backend
+
+        try:
+            set_attention_backend(pipe.transformer, args.attention_backend)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.sequence_parallel > 1:
+        pipe.enable_sequence_parallel()
     if args.offload:
         pipe.enable_model_cpu_offload(device)
     else:
@@ -284,17 +343,21 @@ def main(argv: list[str] | None = None) -> int:
         "negative_prompt": args.negative_prompt,
     }
     plan = prepared.plan
-    print(
-        f"animating {plan.input_frames} driving frames -> {plan.output_frames} frames at "
-        f"{prepared.height}x{prepared.width} in {len(plan.segments)} segment(s), mode {prepared.mode}, on {device}"
-    )
+    where = f"{args.sequence_parallel} processes ({device.split(':')[0]})" if args.sequence_parallel > 1 else device
+    if main_rank:
+        print(
+            f"animating {plan.input_frames} driving frames -> {plan.output_frames} frames at "
+            f"{prepared.height}x{prepared.width} in {len(plan.segments)} segment(s), mode {prepared.mode}, on {where}"
+        )
     out = pipe.generate(
         prepared,
         prompt=args.prompt,
         seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress and main_rank,
         **{k: v for k, v in sampling.items() if v is not None},
     )
+    if not main_rank:
+        return 0
     path = out.save(args.out)
     print(
         f"wrote {path} ({out.frames.shape[0]} frames, {prepared.height}x{prepared.width}, {out.fps:g} fps, "

@@ -290,6 +290,7 @@ TARGET_SCHEMAS: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {
     ("data", "preference"): ("scail2.data.preference_data.PreferenceDataModule", (), False),
     ("data", "synthetic_preference"): ("scail2.lit.data.SyntheticPreferenceDataModule", (), False),
     ("strategy", "single"): ("scail2.lit.strategies.single_device", (), False),
+    ("strategy", "ddp"): ("scail2.lit.strategies.DDPStrategy", (), False),
     ("strategy", "fsdp2"): ("scail2.lit.strategies.FSDP2Strategy", (), False),
     ("strategy", "deepspeed"): ("scail2.lit.strategies.deepspeed", (), False),
     ("callbacks", "checkpoint"): ("scail2.lit.checkpoint.PeriodicCheckpoint", (), False),

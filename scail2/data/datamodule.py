@@ -140,8 +140,12 @@ class SampledDataModule(L.LightningDataModule):
             self.dataset = self.build_dataset()
 
     def _rank(self) -> tuple[int, int]:
+        """(rank, size) among the data-parallel replicas (ranks that share a sequence read the same batches)."""
         trainer = getattr(self, "_trainer", None)
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        if trainer is None:
+            return 0, 1
+        kwargs = trainer.distributed_sampler_kwargs
+        return (kwargs["rank"], kwargs["num_replicas"]) if kwargs else (trainer.global_rank, trainer.world_size)
 
     def train_dataloader(self) -> MotionDataLoader:
         self.setup("fit")

@@ -3,11 +3,13 @@
 `SCAIL2Module` owns
 
 - building the backbone in ``configure_model`` from an injected factory (``net``, a ``_partial_`` config), under
-  the strategy's device context; activation checkpointing and FSDP2 sharding applied from outside the model;
+  the strategy's device context; activation checkpointing, compilation, sequence parallelism and FSDP2 sharding
+  applied from outside the model (`scail2.models.parallelize`, called by the strategy);
   optional initialisation from weights (any layout `scail2.models.load_transformer` reads, or Wan2.1-I2V);
 - the optimizer and schedule from injected factories (``optimizer(params)``, ``scheduler(optimizer)``);
-- a per-rank, seeded random generator for the objective, saved and restored with every checkpoint so that a
-  resumed run draws the same noise as an uninterrupted one;
+- a per-replica, seeded random generator for the objective (the ranks that share a sequence draw the same
+  noise), saved and restored with every checkpoint so that a resumed run draws the same noise as an
+  uninterrupted one;
 - the non-finite guard: before any optimizer step, a non-finite loss or gradient norm either raises an error
   naming the step and the batch's sample ids and sources (``nonfinite="error"``) or drops the step's gradients
   so the weights and optimizer state stay untouched, counted in ``train/nonfinite_skips`` (``"skip"``);
@@ -69,6 +71,9 @@ class SCAIL2Module(L.LightningModule):
         init_from: weights to start from: a scail2 / Wan / diffusers / SAT checkpoint of the same geometry, or a
             Wan2.1-I2V checkpoint (converted with `scail2_from_wan_i2v`). None: random initialisation.
         activation_checkpointing: True (every block), False, k (every k-th block) or a list of block indices.
+        compile: ``torch.compile`` every transformer block (inductor; on CPU it needs a C++ compiler).
+        attention_backend: the attention kernel, "sdpa" (default), "flash3", "flash2" or "math"
+            (`scail2.models.attention`).
         nonfinite: "error" (raise before the optimizer step) or "skip" (drop the step; weights untouched).
         max_consecutive_skips: in skip mode, raise after this many skipped steps in a row (diverged run).
         validation: when and how to draw validation samples (`ValidationConfig` or its fields); None: never.
@@ -83,6 +88,8 @@ class SCAIL2Module(L.LightningModule):
         scheduler: Callable[[Optimizer], Any] | None = None,
         init_from: str | None = None,
         activation_checkpointing: bool | int | list[int] = False,
+        compile: bool = False,
+        attention_backend: str = "sdpa",
         nonfinite: str = "error",
         max_consecutive_skips: int = 10,
         validation: ValidationConfig | Mapping[str, Any] | None = ValidationConfig(),
@@ -99,6 +106,8 @@ class SCAIL2Module(L.LightningModule):
         self.scheduler_factory = scheduler
         self.init_from = init_from
         self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
+        self.attention_backend = attention_backend
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         if isinstance(validation, Mapping):
@@ -120,10 +129,12 @@ class SCAIL2Module(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:
-        """Build the backbone; apply activation checkpointing and (ModelParallelStrategy) FSDP2 sharding."""
+        """Build the backbone and parallelize it: the strategy's mesh (sequence parallelism, FSDP2) with this
+        module's activation checkpointing, compilation and attention kernel."""
         if self.net is not None:  # Lightning may call this more than once (e.g. with weight averaging)
             return
-        from scail2.models.parallel import apply_activation_checkpointing
+        from scail2.lit.strategies import MeshStrategy
+        from scail2.models.parallelize import parallelize
 
         mesh = self._device_mesh
         # Sharded start from weights: build on the meta device, shard, then load; never a full copy per rank.
@@ -136,15 +147,21 @@ class SCAIL2Module(L.LightningModule):
             net = self.net_factory()
         if not isinstance(net, WanModel):
             raise TypeError(f"the net factory returned a {type(net).__name__}; it must build a WanModel / SCAIL2Transformer")
-        apply_activation_checkpointing(net, self.activation_checkpointing)
-        if mesh is not None:
-            from scail2.lit.strategies import fully_shard_blocks
-
-            parallelize = getattr(self.trainer.strategy, "parallelize", None)
-            if parallelize is not None:
-                parallelize(net, mesh)
-            else:  # a plain ModelParallelStrategy: full sharding of every block with default settings
-                fully_shard_blocks(net, mesh["data_parallel"])
+        settings = dict(
+            activation_checkpointing=self.activation_checkpointing,
+            compile=self.compile,
+            attention_backend=self.attention_backend,
+        )
+        strategy = self.trainer.strategy
+        if isinstance(strategy, MeshStrategy):
+            strategy.parallelize(net, **settings)
+        elif mesh is not None:
+            raise TypeError(
+                f"{type(strategy).__name__} hands the module a device mesh, but only scail2's strategies know how to "
+                "shard SCAIL-2: use strategy=fsdp2 (scail2.lit.strategies.FSDP2Strategy)"
+            )
+        else:
+            parallelize(net, **settings)
         if meta:
             net.to_empty(device=self.trainer.strategy.root_device)
         if self.init_from is not None:
@@ -188,7 +205,28 @@ class SCAIL2Module(L.LightningModule):
                     "module.nonfinite=skip drops gradients before the optimizer step, which DeepSpeed performs "
                     "itself; with a DeepSpeed strategy use module.nonfinite=error"
                 )
-        self.generator = torch.Generator().manual_seed(rank_seed(self.seed, self.global_rank))
+        self.generator = torch.Generator().manual_seed(rank_seed(self.seed, self.data_parallel_rank))
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel replica: the ranks sharing a sequence read the same batch and noise."""
+        from scail2.lit.strategies import data_parallel
+
+        return data_parallel(self.trainer.strategy)[0]
+
+    @property
+    def sequence_parallel(self) -> int:
+        """Ranks sharing each sequence (1 without sequence parallelism)."""
+        from scail2.lit.strategies import sequence_parallel_size
+
+        return sequence_parallel_size(self.trainer.strategy) if self._trainer is not None else 1
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        # The ranks of a sequence-parallel group hold the same loss and each computes its shard's share of the
+        # gradients; the strategy averages gradients over all ranks, so the group's sum needs the factor sp
+        # (scail2.models.sequence_parallel).
+        sp = self.sequence_parallel
+        super().backward(loss * sp if sp > 1 else loss, *args, **kwargs)
 
     def configure_optimizers(self) -> dict[str, Any]:
         assert self.net is not None, "configure_model runs before configure_optimizers"
@@ -288,7 +326,7 @@ class SCAIL2Module(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ accounting
     def flops_per_batch(self, batch: Any) -> float:
         """Matmul FLOPs of the forward passes of one training step on this rank's batch (the model's own count;
-        forward + backward is about 3x this)."""
+        forward + backward is about 3x this); with sequence parallelism, this rank's share."""
         mb = self.motion_batch(batch)
         n_ref = 1 + mb.cond.num_extra_references
         b, _, t, h, w = mb.latents.shape
@@ -302,7 +340,7 @@ class SCAIL2Module(L.LightningModule):
                 driving=torch.empty(b, 20, t, h // 2, w // 2, device="meta"),
             )
             flops = self.net.flops_for_inputs(shapes, text_len=mb.cond.text.shape[1], image_len=mb.cond.clip_tokens.shape[1])
-            self._flops_cache[key] = flops * self.forward_passes_per_step()
+            self._flops_cache[key] = flops * self.forward_passes_per_step() / self.sequence_parallel
         return self._flops_cache[key]
 
     def training_flops_per_batch(self, batch: Any) -> float:
@@ -314,15 +352,16 @@ class SCAIL2Module(L.LightningModule):
         """Model forward passes per batch in one training step (1; DPO runs policy and reference twice)."""
         return 1
 
-    def tokens_per_batch(self, batch: Any) -> int:
-        """Sequence tokens the backbone processes for this rank's batch (reference, video and driving)."""
+    def tokens_per_batch(self, batch: Any) -> float:
+        """Sequence tokens the backbone processes for this rank's batch (reference, video and driving); with
+        sequence parallelism, this rank's share."""
         mb = self.motion_batch(batch)
         assert self.net is not None
         pt, ph, pw = self.net.config.patch_size
         n_ref = 1 + mb.cond.num_extra_references
         b, _, t, h, w = mb.latents.shape
         per_frame = (h // ph) * (w // pw)
-        return b * ((n_ref + t) // pt * per_frame + t // pt * per_frame // 4)
+        return b * ((n_ref + t) // pt * per_frame + t // pt * per_frame // 4) / self.sequence_parallel
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -338,6 +377,7 @@ class SCAIL2Module(L.LightningModule):
             "format": 1,
             "generator_states": states,  # (world_size, N) int32
             "world_size": world,
+            "sequence_parallel": self.sequence_parallel,
             "seed": self.seed,
             "nonfinite_skips": self.nonfinite_skips,
             "runtime": runtime_settings(self.trainer),
@@ -351,20 +391,25 @@ class SCAIL2Module(L.LightningModule):
         self.nonfinite_skips = int(info["nonfinite_skips"])
         self._check_runtime(info.get("runtime"))
         world = self.trainer.world_size
-        if int(info["world_size"]) == world:
+        same_layout = int(info["world_size"]) == world and int(info.get("sequence_parallel", 1)) == self.sequence_parallel
+        if same_layout:
             state = info["generator_states"][self.global_rank].to(torch.uint8)
             if self.generator is None:
                 self.generator = torch.Generator()
             self.generator.set_state(state)
         else:
-            # Another world size: per-rank streams cannot continue; derive new ones from the step.
+            # Another world size or sequence-parallel layout: per-rank streams cannot continue (and the ranks of a
+            # sequence group must agree); derive new ones per replica from the step.
             step = int(checkpoint["global_step"])
-            self.generator = torch.Generator().manual_seed(rank_seed(self.seed * 1_000_003 + step, self.global_rank))
+            seed = rank_seed(self.seed * 1_000_003 + step, self.data_parallel_rank)
+            self.generator = torch.Generator().manual_seed(seed)
             log.warning(
-                "checkpoint written with world size %s, resuming with %s: the objective's noise streams are "
-                "re-seeded from the step, so losses differ from an uninterrupted run",
+                "checkpoint written with world size %s and sequence parallel %s, resuming with %s and %s: the "
+                "objective's noise streams are re-seeded from the step, so losses differ from an uninterrupted run",
                 info["world_size"],
+                info.get("sequence_parallel", 1),
                 world,
+                self.sequence_parallel,
             )
 
     def _check_runtime(self, saved: dict[str, Any] | None) -> None:

@@ -54,9 +54,11 @@ class ThroughputMonitor(Callback):
         end = time.perf_counter()
         assert self._start is not None
         world = trainer.world_size
+        # Ranks that share a sequence (sequence parallelism) read the same samples: count data-parallel replicas.
+        replicas = (trainer.distributed_sampler_kwargs or {"num_replicas": world})["num_replicas"]
         mb = pl_module.motion_batch(batch)
         self._times.append(
-            (end - self._start, mb.batch_size * world, pl_module.tokens_per_batch(batch) * world, pl_module.training_flops_per_batch(batch))
+            (end - self._start, mb.batch_size * replicas, pl_module.tokens_per_batch(batch) * world, pl_module.training_flops_per_batch(batch))
         )
         self._prev_end, self._prev_step = end, trainer.global_step
         seconds = sum(t[0] for t in self._times)

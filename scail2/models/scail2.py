@@ -89,11 +89,10 @@ class SCAIL2Transformer(WanModel):
 
         e, e0 = self.embed_time(timestep)
         ctx, ctx_img = self.embed_context(context, clip_tokens)
-        x = self.run_blocks(x, e0, ctx, ctx_img, rope)
-
         video_grid = (video.shape[2] // c.patch_size[0], grid[1], grid[2])
         n_video = math.prod(video_grid)
-        return self.unpatchify(self.head(x[:, n_ref : n_ref + n_video], e), video_grid)
+        out = self.run_sequence(x, e, e0, ctx, ctx_img, rope, slice(n_ref, n_ref + n_video))
+        return self.unpatchify(out, video_grid)
 
     def flops_for_inputs(self, inputs, text_len: int = 512, image_len: int = 257) -> float:
         """FLOPs of one forward on packed ``inputs`` (a ``SCAIL2Inputs``): all tokens through the blocks,

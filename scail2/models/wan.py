@@ -5,7 +5,12 @@ Module and parameter names follow the original Wan2.1 release (``self_attn.q``, 
 renamed by ``scail2.models.convert``.
 
 Blocks take plain numbers and tensors; only :class:`WanModel` takes a :class:`TransformerConfig`.
-Activation checkpointing, compilation and sharding are applied from outside (``scail2.models.parallel``).
+The code is single-device: activation checkpointing, compilation, sequence parallelism and sharding are
+applied from outside by `scail2.models.parallelize.parallelize`, which leaves every parameter name unchanged.
+
+Floating inputs are cast to the dtype of the layer that takes them (so a model with bf16 parameters, e.g.
+under FSDP2 mixed precision, takes float32 inputs); timesteps and RoPE factors stay float32, and norms,
+modulation and RoPE are computed in float32 whatever the parameter dtype.
 """
 
 from __future__ import annotations
@@ -15,9 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-from .attention import attention
+from .attention import DEFAULT_BACKEND, attention
 from .config import TransformerConfig
 from .rope import apply_rope, grid_positions, rope_frequencies
 
@@ -57,17 +60,23 @@ class _Projections(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        # The kernel (scail2.models.attention.BACKENDS); set from outside with set_attention_backend.
+        self.attention_backend = DEFAULT_BACKEND
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, dim) -> (B, L, H, D)
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        q = self._heads(self.norm_q(self.q(x)))  # (B, L, H, D)
+    def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys and the values of tokens ``x`` (B, L, dim): each (B, L, H, D)."""
+        q = self._heads(self.norm_q(self.q(x)))
         k = self._heads(self.norm_k(self.k(x)))
-        v = self._heads(self.v(x))
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v)  # (B, L, H, D)
+        return apply_rope(q, rope), apply_rope(k, rope), self._heads(self.v(x))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x, rope)
+        out = attention(q, k, v, self.attention_backend)  # (B, L, H, D)
         return self.o(out.flatten(2))
 
 
@@ -77,7 +86,7 @@ class CrossAttention(_Projections):
     def attend_text(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
-        return attention(q, k, v).flatten(2)
+        return attention(q, k, v, self.attention_backend).flatten(2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
         if context_img is not None:
@@ -101,7 +110,7 @@ class ImageCrossAttention(CrossAttention):
         q = self._heads(self.norm_q(self.q(x)))
         k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
         v_img = self._heads(self.v_img(context_img))
-        img = attention(q, k_img, v_img).flatten(2)
+        img = attention(q, k_img, v_img, self.attention_backend).flatten(2)
         return self.o(self.attend_text(q, context) + img)
 
 
@@ -128,8 +137,6 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         # Learned offsets of the 6 adaLN vectors (shift, scale, gate for attention and FFN).
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-        # Set from outside by scail2.models.parallel.apply_activation_checkpointing.
-        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -244,7 +251,7 @@ class WanModel(nn.Module):
             raise ValueError(
                 f"context must have shape (B, L, {self.config.text_dim}) (umT5 embeddings), got {tuple(context.shape)}"
             )
-        ctx = self.text_embedding(context)
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         if self.config.image_dim is None:
             if clip_tokens is not None:
                 raise ValueError("this model has no CLIP image branch (image_dim=None); do not pass clip_tokens")
@@ -257,7 +264,7 @@ class WanModel(nn.Module):
             raise ValueError(
                 f"clip_tokens must have shape (B, 257, {self.config.image_dim}), got {tuple(clip_tokens.shape)}"
             )
-        return ctx, self.img_emb(clip_tokens)
+        return ctx, self.img_emb(clip_tokens.to(self.img_emb.proj[1].weight.dtype))
 
     def run_blocks(
         self,
@@ -268,11 +275,27 @@ class WanModel(nn.Module):
         rope: torch.Tensor,
     ) -> torch.Tensor:
         for block in self.blocks:
-            if block.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, context, context_img, rope, use_reentrant=False)
-            else:
-                x = block(x, e0, context, context_img, rope)
+            x = block(x, e0, context, context_img, rope)
         return x
+
+    def run_sequence(
+        self,
+        x: torch.Tensor,  # (B, L, dim) the packed token sequence
+        e: torch.Tensor,  # (B, dim) float32 time embedding
+        e0: torch.Tensor,  # (B, 6, dim) float32 projected time embedding
+        context: torch.Tensor,
+        context_img: torch.Tensor | None,
+        rope: torch.Tensor,  # (B | 1, L, head_dim / 2, 2)
+        keep: slice,
+    ) -> torch.Tensor:
+        """The blocks over the whole sequence, then the output head on the tokens ``keep``:
+        (B, len(keep), out_channels * prod(patch_size)).
+
+        This is the part a sequence-parallel model runs on a shard of the sequence
+        (`scail2.models.sequence_parallel`); everything before (embeddings) and after (unpatchify) is per token.
+        """
+        x = self.run_blocks(x, e0, context, context_img, rope)
+        return self.head(x[:, keep], e)
 
     def patchify(self, conv: nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, C, T, H, W) -> tokens (B, t*h*w, dim) in (t, h, w) raster order, and the grid (t, h, w)."""
@@ -280,7 +303,7 @@ class WanModel(nn.Module):
         _, _, t, h, w = x.shape
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent size (T={t}, H={h}, W={w}) is not divisible by the patch size {self.config.patch_size}")
-        y = conv(x)  # (B, dim, t', h', w')
+        y = conv(x.to(conv.weight.dtype))  # (B, dim, t', h', w')
         return y.flatten(2).transpose(1, 2), tuple(y.shape[2:])
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -311,8 +334,8 @@ class WanModel(nn.Module):
         tokens, grid = self.patchify(self.patch_embedding, x)
         e, e0 = self.embed_time(timestep)
         ctx, ctx_img = self.embed_context(context, clip_tokens)
-        tokens = self.run_blocks(tokens, e0, ctx, ctx_img, self.grid_rope(grid, x.device))
-        return self.unpatchify(self.head(tokens, e), grid)
+        out = self.run_sequence(tokens, e, e0, ctx, ctx_img, self.grid_rope(grid, x.device), slice(None))
+        return self.unpatchify(out, grid)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, trainable_only: bool = False) -> int:

@@ -297,6 +297,31 @@ class SCAIL2Pipeline:
         write_index(root, {name: name for name in COMPONENTS})
         return root
 
+    # ------------------------------------------------------------------------------------------ parallelism
+    def enable_sequence_parallel(self, group: Any = None) -> "SCAIL2Pipeline":
+        """Spread every denoising step over the ranks of ``group`` (default: all processes) with Ulysses
+        sequence parallelism (`scail2.models.sequence_parallel`): each rank runs the transformer's blocks on
+        its shard of the packed sequence. Every rank of the group calls the pipeline with the same arguments and
+        gets the same video; the encoders and the VAE run on every rank, and their outputs and the seed are
+        taken from the group's first rank so that all ranks denoise exactly the same inputs.
+
+        Needs an initialised process group (e.g. ``torchrun``; see ``scail2-animate --sequence-parallel``).
+        """
+        from scail2.models.parallelize import parallelize
+        from scail2.models.sequence_parallel import SequenceParallel, sequence_parallel_of
+
+        if sequence_parallel_of(self.transformer) is not None:
+            raise ValueError("sequence parallelism is already enabled on this pipeline")
+        parallelize(self.transformer, sequence_parallel=SequenceParallel(group))
+        return self
+
+    @property
+    def sequence_parallel(self) -> Any:
+        """The `SequenceParallel` group of the transformer, or None."""
+        from scail2.models.sequence_parallel import sequence_parallel_of
+
+        return sequence_parallel_of(self.transformer)
+
     # ------------------------------------------------------------------------------------------ devices
     @property
     def components(self) -> dict[str, Any]:
@@ -418,6 +443,12 @@ class SCAIL2Pipeline:
         """The denoising loop on encoded conditioning (see :func:`scail2.pipeline.sampling.sample_latents`),
         with a fresh copy of this pipeline's scheduler at ``shift`` (default: the scheduler's own)."""
         scheduler = with_shift(self.scheduler, shift)
+        sp = self.sequence_parallel
+        if sp is not None:
+            # The ranks must denoise identical inputs (GPU encoders need not be bit-reproducible across ranks).
+            sp.broadcast_([v for v in vars(cond).values() if isinstance(v, torch.Tensor)])
+            if latents is not None:
+                sp.broadcast_([latents])
         with self._on_device(self.transformer):
             return sample_latents(
                 self.transformer,
@@ -470,7 +501,13 @@ class SCAIL2Pipeline:
         if generator is not None and seed is not None:
             raise ValueError("pass either seed or generator, not both")
         if generator is None:
-            seed = secrets.randbits(31) if seed is None else int(seed)
+            if seed is None:
+                seed = secrets.randbits(31)
+                if self.sequence_parallel is not None:  # one seed for the whole group
+                    seed_t = torch.tensor([seed], dtype=torch.int64, device=self.device)
+                    self.sequence_parallel.broadcast_([seed_t])
+                    seed = int(seed_t.item())
+            seed = int(seed)
             generator = torch.Generator().manual_seed(seed)
 
         use_cfg = guidance_scale != 1.0

@@ -3,7 +3,9 @@
     torchrun --standalone --nproc_per_node=2 -m tests.train.dist_worker --strategy fsdp2 --data-root D --out O \
         --init-from WEIGHTS
 
-Every rank writes ``<out>/rank<R>.json``: a digest of its full (gathered) weights after training.
+Every rank writes ``<out>/rank<R>.json``: a digest of its full (gathered) weights after training and the
+training loss of every step. ``--override KEY=VALUE`` (repeatable) adds config overrides (e.g.
+``strategy.sequence_parallel=2``, ``ckpt_path=...``); ``--init-from none`` starts from the seeded random weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from lightning.pytorch.callbacks import Callback
 class WeightDigest(Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -29,7 +35,8 @@ class WeightDigest(Callback):
         else:
             state = pl_module.net.state_dict()
         digest = {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"step": trainer.global_step, "weights": digest}))
+        record = {"step": trainer.global_step, "weights": digest, "losses": self.losses}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def main() -> None:
@@ -37,7 +44,8 @@ def main() -> None:
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--init-from", type=Path, required=True)
+    parser.add_argument("--init-from", required=True)
+    parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
 
     from scail2.train import train
@@ -55,7 +63,8 @@ def main() -> None:
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.progress=null",
         "trainer.enable_progress_bar=false",
-        f"module.init_from={args.init_from}",
+        *([] if args.init_from == "none" else [f"module.init_from={args.init_from}"]),
+        *args.override,
     )
     train(cfg, [WeightDigest(args.out)])
 
