@@ -319,6 +319,11 @@ def check_values(cfg: DictConfig) -> None:
     _number(cfg, "trainer.log_every_n_steps", 1, integer=True, example="10")
     _number(cfg, "data.num_workers", 0, integer=True, example="0")
     _number(cfg, "module.max_loss", 0, low_open=True, optional=True, example="100")
+    _number(cfg, "optim.scheduler.total_steps", 1, integer=True, example="${trainer.max_steps}")
+    _number(cfg, "optim.scheduler.min_lr_ratio", 0, 1, example="0")
+    total = OmegaConf.select(cfg, "optim.scheduler.total_steps", default=None)
+    if total is not None:
+        _number(cfg, "optim.scheduler.warmup_steps", 0, total - 1, integer=True, example=str(min(100, total // 10)))
     _number(cfg, "module.validation.guidance_scale", 1, example="1")
     _number(cfg, "module.validation.shift", 0, low_open=True, example="3")
 

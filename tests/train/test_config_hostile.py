@@ -295,6 +295,8 @@ BAD_VALUES = [
     ("module.validation.shift=inf", "module.validation.shift", "inf"),
     ("objective.logit_std=nan", "objective.logit_std", "nan"),
     ("module.max_loss=-1", "module.max_loss", "-1"),
+    ("optim.scheduler.warmup_steps=5", "optim.scheduler.warmup_steps", "5"),  # not below total_steps (max_steps=2)
+    ("optim.scheduler.min_lr_ratio=2", "optim.scheduler.min_lr_ratio", "2"),
 ]
 
 
