@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 DEFAULT_TARGETS = r"blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o)|ffn\.(0|2))"
@@ -173,9 +173,19 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRASpe
     file = p / PEFT_WEIGHTS if p.is_dir() else p
     if not file.exists():
         raise FileNotFoundError(f"no LoRA weights at {file} (expected {PEFT_WEIGHTS} in a folder, or a .safetensors file)")
-    with safe_open(str(file), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({exc}); LoRA adapters are read from safetensors only (a peft "
+            "folder or a ComfyUI .safetensors file), never unpickled: re-save a .pt/.ckpt adapter with "
+            "safetensors.torch.save_file, or copy a truncated file again"
+        ) from None
+    nonfinite = sorted(k for k, v in raw.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise ValueError(f"{file} holds non-finite values (NaN or inf) in {len(nonfinite)} tensors, e.g. {nonfinite[0]}")
     if any(k.startswith("diffusion_model.") for k in raw):
         state, alphas = {}, set()
         for k, v in raw.items():

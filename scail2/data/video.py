@@ -8,6 +8,7 @@ cause; nothing here retries forever or caches decoded frames.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -391,6 +392,7 @@ def write_video(
     import av
 
     frames = _as_uint8(frames)
+    _check_rate(fps)
     f, height, width, _ = frames.shape
     if f == 0:
         raise ValueError(f"no frames to write to {path}")
@@ -424,6 +426,28 @@ def write_video(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def check_video_output(path: str | Path, height: int, width: int, fps: float, *, lossless: bool = False) -> None:
+    """Raise (``ValueError``, ``OSError`` or PyAV's error, with the reason) when `write_video` cannot write a
+    ``height`` x ``width`` video at ``fps`` to ``path``: one black frame is written next to it and removed, so
+    the folder, the container, the codec, the size and the frame rate are all tried before any work is done."""
+    path = Path(path)
+    _check_rate(fps)
+    probe = path.with_name(f".{path.stem}.{os.getpid()}.check{path.suffix}")
+    try:
+        write_video(probe, np.zeros((1, height, width, 3), np.uint8), fps, lossless=lossless)
+    except Exception as exc:
+        if type(exc).__module__.startswith("av"):
+            raise ValueError(f"the video encoder refuses it ({exc})") from None
+        raise
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _check_rate(fps: float) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and 0 < fps <= 1000):
+        raise ValueError(f"frame rate {fps!r}; need a finite rate in (0, 1000] frames per second, e.g. 16")
 
 
 def _container_format(path: Path) -> str | None:

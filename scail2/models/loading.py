@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .config import SCAIL2_CLASS, SCAIL2_IN_CHANNELS, SCAIL2_MASK_CHANNELS, WAN_CLASS, TransformerConfig
@@ -86,7 +86,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            part = load_file(str(f), device="cpu")
+            try:
+                part = load_file(str(f), device="cpu")
+            except SafetensorError as exc:
+                raise CheckpointError(
+                    f"{f} is not a complete safetensors file ({exc}): a truncated download or copy, or another "
+                    "format under a .safetensors name; copy it again"
+                ) from None
         elif f.suffix in _PICKLE_SUFFIXES:
             try:
                 with torch.serialization.safe_globals(_rng_state_globals()):
