@@ -98,8 +98,8 @@ def inspect_checkpoint(path: str | Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from, or None when it can.
 
     A file must load with ``torch.load(weights_only=True)`` (memory-mapped: a truncated file fails at once, the
-    tensors themselves are not read) and hold a ``global_step`` and a ``state_dict``; a sharded folder needs its
-    metadata (``meta.pt`` that loads the same way, and ``.metadata``).
+    tensors themselves are not read) and hold a ``global_step``; a sharded folder needs its metadata (``meta.pt``
+    that loads the same way, and ``.metadata``).
     """
     from scail2.lit.checkpoint import SHARDED_META
 
@@ -121,8 +121,6 @@ def inspect_checkpoint(path: str | Path) -> str | None:
         return f"{target} cannot be read as a checkpoint ({type(exc).__name__}: {first[:200]})"
     if not isinstance(data, Mapping) or "global_step" not in data:
         return f"{target} is not a training checkpoint (no global_step)"
-    if not path.is_dir() and "state_dict" not in data:
-        return f"{target} is not a training checkpoint (no state_dict)"
     return None
 
 
