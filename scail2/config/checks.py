@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -329,13 +330,21 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def inside_root(path: str | Path, root: str | Path, key: str) -> Path:
-    """``path`` (absolute, links resolved) when it lies inside ``root``; else a `ConfigError` naming ``key``."""
-    resolved = Path(path).expanduser().absolute().resolve()
-    base = Path(root).expanduser().absolute().resolve()
-    if resolved != base and base not in resolved.parents:
+    """``path`` (absolute, ``..`` collapsed) when it lies inside ``root``; else a `ConfigError` naming ``key``.
+
+    Inside means: below ``root`` as written (a link there may point to another disk, as checkpoint folders on
+    scratch storage do), or below ``root``'s real location.
+    """
+    given = Path(os.path.normpath(Path(path).expanduser().absolute()))
+    base = Path(os.path.normpath(Path(root).expanduser().absolute()))
+
+    def below(p: Path, b: Path) -> bool:
+        return p == b or b in p.parents
+
+    if not (below(given, base) or below(given.resolve(), base.resolve())):
         raise ConfigError(
             f"{key}={path} lies outside paths.output_root ({base}); give a checkpoint under it (ckpt_path=last "
             "finds the newest one of run_name), copy the checkpoint there, or set paths.output_root to the folder "
             "that holds it"
         )
-    return resolved
+    return given

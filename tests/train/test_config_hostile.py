@@ -32,7 +32,7 @@ pytestmark = pytest.mark.hostile
 @pytest.fixture(autouse=True)
 def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["scail2-train"])  # main() replaces sys.argv
-QUICK = ("logger=none", "export.enabled=false", "trainer.max_steps=2", "trainer.enable_progress_bar=false", "callbacks.progress=null")
+QUICK = ("logger=none", "export.enabled=false", "trainer.max_steps=2", "optim.scheduler.warmup_steps=0", "trainer.enable_progress_bar=false", "callbacks.progress=null")
 
 
 def _marker_overrides(target: str, marker: Path) -> list[str]:
@@ -230,13 +230,18 @@ def test_a_checkpoint_path_outside_the_output_root_is_refused(data_root, tmp_pat
     outside = tmp_path / "elsewhere" / "step=0000002.ckpt"
     outside.parent.mkdir()
     outside.write_bytes(b"not a checkpoint")
-    (out / "demo" / "r" / "checkpoints").mkdir(parents=True)
-    link = out / "demo" / "r" / "checkpoints" / "step=0000004.ckpt"
-    link.symlink_to(outside)
-    for path in ("/etc/passwd", str(outside), f"{out}/../elsewhere/step=0000002.ckpt", str(link)):
+    for path in ("/etc/passwd", str(outside), f"{out}/../elsewhere/step=0000002.ckpt", f"{out}/demo/../../elsewhere/x.ckpt"):
         cfg = compose_run(data_root, out, *QUICK, f"ckpt_path='{path}'")
         with pytest.raises(ConfigError, match=r"ckpt_path=.* lies outside paths\.output_root"):
             train(cfg)
+    # A link inside the output root may point elsewhere (checkpoints on scratch storage); what it points to must
+    # still be a checkpoint.
+    (out / "demo" / "r" / "checkpoints").mkdir(parents=True)
+    link = out / "demo" / "r" / "checkpoints" / "step=0000004.ckpt"
+    link.symlink_to(outside)
+    cfg = compose_run(data_root, out, *QUICK, f"ckpt_path='{link}'")
+    with pytest.raises(ConfigError, match=r"cannot be read as a checkpoint"):
+        train(cfg)
 
 
 def test_a_checkpoint_path_with_equals_signs_is_read_as_a_path(data_root, tmp_path, capsys):
