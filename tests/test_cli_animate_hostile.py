@@ -120,7 +120,7 @@ def test_a_pickled_lora_is_refused_without_unpickling(model, files, tmp_path, ca
     for adapter in (evil, tmp_path / "plain.pt"):
         assert main(_args(model, files, tmp_path / "out.mp4", "--lora", str(adapter))) == 2
         line = _error_line(capsys)
-        assert f"cannot load the LoRA adapter {adapter}" in line and "not a readable safetensors file" in line
+        assert line.startswith(f"error: cannot load the LoRA adapter {adapter}: ") and str(adapter.name) in line[40:]
     assert not (tmp_path / "MARKER").exists()
 
 
@@ -146,7 +146,7 @@ def test_a_truncated_transformer_file_is_one_line(model, files, tmp_path, capsys
     weights.write_bytes(data[: len(data) // 2])
     assert main(_args(broken, files, tmp_path / "out.mp4")) == 2
     line = _error_line(capsys)
-    assert "cannot load the model" in line and "not a complete safetensors file" in line and weights.name in line
+    assert "cannot load the model" in line and "safetensors" in line and weights.name in line
 
 
 def test_a_decompression_bomb_reference_is_refused(model, files, tmp_path, capsys):
