@@ -26,15 +26,12 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import http.client
 import io
 import json
 import math
 import os
 import re
-import socket
 import statistics
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +43,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+
+from scail2.utils.http import RequestFailed, parse_url, post
 
 Sampling = Literal["static", "dynamic"]
 SCORE_RANGE = (1, 5)
@@ -302,7 +301,11 @@ class VideoJudge:
         api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(cfg.api_key_env)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        status, location, payload = _request(self._url, json.dumps(body).encode(), headers, cfg.timeout_s)
+        try:
+            reply = post(self._url, json.dumps(body).encode(), headers, cfg.timeout_s, MAX_REPLY_BYTES)
+        except RequestFailed as exc:
+            raise _Transient(f"{exc} (timeout_s={cfg.timeout_s:g})" if exc.reason == "timeout" else str(exc)) from exc
+        status, location, payload = reply.status, reply.location, reply.body
         url = self._url.geturl()
         if status in _REDIRECTS:
             raise _Fatal(
@@ -434,72 +437,8 @@ class VideoJudge:
 
 
 def _endpoint(base_url: str) -> urllib.parse.SplitResult:
-    """The chat-completions URL of ``base_url``; only http(s) URLs naming a host, without credentials."""
-    url = urllib.parse.urlsplit(str(base_url).rstrip("/") + "/chat/completions")
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"judge base_url {base_url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
-    if url.username is not None or url.password is not None:
-        raise ValueError(f"judge base_url {base_url!r} holds credentials; give the key as api_key (or api_key_env)")
-    try:
-        url.port
-    except ValueError as exc:
-        raise ValueError(f"judge base_url {base_url!r}: {exc}") from None
-    return url
-
-
-def _request(url: urllib.parse.SplitResult, data: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, str | None, bytes]:
-    """POST ``data`` to ``url``: (status, Location header, reply body). One connection, no redirect followed.
-
-    ``timeout_s`` bounds the whole exchange: a watchdog shuts the socket down at the deadline, so a server that
-    drips its reply (or its headers) a byte at a time cannot hold the client. Raises `_Transient` on a missing,
-    late or oversized reply.
-    """
-    start = time.monotonic()
-    deadline = start + timeout_s
-    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    conn = cls(url.hostname, url.port, timeout=timeout_s)
-    expired = threading.Event()
-
-    def abort() -> None:
-        expired.set()
-        sock = conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    where = url.geturl()
-    watchdog = threading.Timer(timeout_s, abort)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        conn.request("POST", path, body=data, headers=headers)
-        response = conn.getresponse()
-        chunks, size = [], 0
-        while True:
-            if conn.sock is not None:
-                conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > MAX_REPLY_BYTES:
-                raise _Transient(f"reply from {where} is larger than {MAX_REPLY_BYTES} bytes; not a judge's answer")
-            chunks.append(chunk)
-            if expired.is_set():
-                break
-        if expired.is_set():
-            raise _Transient(f"no complete reply from {where} within timeout_s={timeout_s:g} s")
-        return response.status, response.getheader("Location"), b"".join(chunks)
-    except (OSError, http.client.HTTPException) as exc:
-        if expired.is_set() or time.monotonic() >= deadline:
-            raise _Transient(f"no complete reply from {where} within timeout_s={timeout_s:g} s") from exc
-        raise _Transient(f"no reply from {where}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        watchdog.cancel()
-        conn.close()
+    """The chat-completions URL of ``base_url`` (an http(s) URL with a host and no credentials)."""
+    return parse_url(str(base_url).rstrip("/") + "/chat/completions", "judge base_url")
 
 
 def aggregate(results: Sequence[Mapping[str, DimensionScore]]) -> dict[str, dict[str, float]]:

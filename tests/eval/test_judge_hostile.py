@@ -197,7 +197,7 @@ def test_a_dripping_server_cannot_hold_the_client_past_the_deadline(in_headers):
     finally:
         server.close()
     assert score.scores == () and len(score.failures) == 1
-    assert "within timeout_s=1.5 s" in score.failures[0].error and score.failures[0].attempts == 2
+    assert "within 1.5 s (timeout_s=1.5)" in score.failures[0].error and score.failures[0].attempts == 2
 
 
 def test_an_oversized_reply_is_refused(serve):
