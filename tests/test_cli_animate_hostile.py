@@ -75,12 +75,19 @@ def test_an_output_the_writer_refuses_is_found_before_sampling(model, files, tmp
         raise AssertionError("the model was loaded for an output that cannot be written")
 
     monkeypatch.setattr(pipeline.SCAIL2Pipeline, "from_pretrained", never)
-    # A 4000x3 reference: the default size follows its aspect ratio (24736x32), which H.264 cannot encode.
+    # A 4000x3 reference: the default size follows its aspect ratio (24736x32); resizing the inputs to cover it
+    # would take all memory, and H.264 cannot encode it.
     args = _args(model, files, tmp_path / "out.mp4", size=False)
     args[args.index("--ref") + 1] = str(files / "tall.png")
     assert main(args) == 2
     line = _error_line(capsys)
-    assert "cannot write --out" in line and "24736x32" in line and "encoder refuses" in line
+    assert "the output would be 24736x32" in line and "--height and --width" in line
+    assert main(_args(model, files, tmp_path / "out.mp4", "--height", "4096", "--width", "32")) == 2
+    assert "the output would be 4096x32" in _error_line(capsys)
+    # A container the encoder cannot go into (.webm is an accepted suffix, but not with H.264).
+    assert main(_args(model, files, tmp_path / "out.webm")) == 2
+    line = _error_line(capsys)
+    assert "cannot write --out" in line and "webm" in line and "libx264" in line
     # A folder that cannot be created (its parent is a file).
     assert main(_args(model, files, files / "ref.png" / "out.mp4")) == 2
     assert "cannot write --out" in _error_line(capsys)

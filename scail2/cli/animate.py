@@ -33,6 +33,8 @@ EXIT_OUTPUT = 3  # the video could not be written after sampling; the frames and
 DTYPES = ("fp32", "bf16", "fp16")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 SIZE_MULTIPLE = 32  # VAE stride 8 x half-resolution driving x patch 2
+MAX_SIDE = 8192  # output height / width; inputs are resized to cover the output, so sizes beyond cost all memory
+MAX_ASPECT = 8.0  # longer / shorter output side (the training buckets are about 1.75)
 
 
 class InputError(Exception):
@@ -172,11 +174,34 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--out {args.out} is a folder; give a file name such as {args.out / 'out.mp4'}")
 
 
+def _planned_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The output size: --height/--width, or the default from the reference image's header (None when the header
+    cannot be read: prepare_inputs reports that)."""
+    if args.height is not None:
+        return args.height, args.width
+    from PIL import Image
+
+    from scail2.pipeline.inputs import default_resolution
+
+    try:
+        with Image.open(args.ref) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - unreadable or a decompression bomb: named by prepare_inputs
+        return None
+    return default_resolution(height, width)
+
+
 def _check_output(out: Path, height: int, width: int, fps: float) -> None:
-    """The video writer accepts this output (folder, container, codec, size, frame rate): checked by writing one
-    black frame next to ``out`` before any sampling."""
+    """The output size is sane and the video writer accepts this output (folder, container, codec, size, frame
+    rate): checked by writing one black frame next to ``out`` before any sampling."""
     from scail2.data.video import check_video_output
 
+    if max(height, width) > MAX_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
+        raise InputError(
+            f"the output would be {height}x{width}: sides must be at most {MAX_SIDE} and at most {MAX_ASPECT:g} times "
+            "each other (the default size follows the reference image's aspect ratio); pass --height and --width, "
+            "e.g. --height 512 --width 896"
+        )
     try:
         check_video_output(out, height, width, fps)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -246,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             "fps": args.fps,
             "palette_tolerance": args.palette_tolerance,
         }
+        size = _planned_size(args)
+        if size is not None:  # checked before any input is resized to it
+            _check_output(args.out, *size, args.fps or 16.0)
         try:
             prepared = prepare_inputs(
                 args.ref,
@@ -260,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         except PipelineInputError as exc:
             raise InputError(str(exc)) from None
-        _check_output(args.out, prepared.height, prepared.width, prepared.fps)
+        if size != (prepared.height, prepared.width) or prepared.fps != (args.fps or 16.0):
+            _check_output(args.out, prepared.height, prepared.width, prepared.fps)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
