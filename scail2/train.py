@@ -296,10 +296,11 @@ def _task(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from scail2.lit.faults import TrainingStopped
+    from scail2.models.loading import CheckpointError
 
     try:
         result = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CONFIG) from None
     except TrainingStopped as exc:

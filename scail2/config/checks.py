@@ -144,10 +144,33 @@ def check_hydra_node(node: Any, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ config
 def check_config(cfg: DictConfig) -> None:
-    """Known keys, a plain ``run_name`` and numbers in range; raises `ConfigError` naming key, value and fix."""
+    """Known keys, a plain ``run_name``, numbers in range and readable weights to start from; raises
+    `ConfigError` naming key, value and fix."""
     check_run_name(cfg.run_name)
     check_known_keys(cfg)
     check_values(cfg)
+    init_from = OmegaConf.select(cfg, "module.init_from", default=None)
+    if isinstance(init_from, str):
+        check_weights(init_from, "module.init_from")
+
+
+def check_weights(path: str | Path, key: str) -> None:
+    """Weights to load exist, and every safetensors file among them is complete (its header and size agree:
+    only the header is read), so a truncated download fails here and not after the data is prepared."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key}={path} does not exist; give a checkpoint file or folder")
+    files = sorted(p.rglob("*.safetensors")) if p.is_dir() else [p] if p.suffix == ".safetensors" else []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(
+                f"{key}={path}: {f} is not a complete safetensors file ({exc}); copy it again (a truncated download)"
+            ) from None
 
 
 def _fields(cls: type) -> set[str]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from scail2.config import (
@@ -22,7 +23,7 @@ from scail2.config import (
     register_configs,
     validate_targets,
 )
-from scail2.train import build_trainer, main, train
+from scail2.train import _task, build_trainer, main, train
 
 from .conftest import compose_run, train_overrides
 
@@ -326,3 +327,23 @@ def test_bad_values_end_the_command_line_with_one_line_and_code_2(data_root, tmp
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config `optim.optimizer.lr` is 'fast'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing"])
+def test_weights_to_start_from_are_checked_before_anything_is_built(data_root, tmp_path, kind, capsys):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "init" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir()
+    save_file({"w": torch.zeros(1000)}, str(weights))
+    if kind == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        path, words = weights.parent, "is not a complete safetensors file"
+    else:
+        path, words = tmp_path / "nowhere", "does not exist"
+    cfg = compose_run(data_root, tmp_path / "out", *QUICK, f"module.init_from={path}")
+    with pytest.raises(SystemExit) as info:
+        _task(cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: module.init_from=") and words in err and err.count("\n") == 1
