@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -227,8 +227,14 @@ class LoRAFile:
 
 def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as exc:
+            raise CheckpointError(
+                f"{file} ({describe_file(file)}) is not a readable safetensors file ({exc}): a truncated download or "
+                "copy, or another format under a .safetensors name; copy it again"
+            ) from None
     if file.suffix in TORCH_SUFFIXES:
         loads = "a .safetensors LoRA, a peft folder, or a torch file of LoRA tensors (e.g. bias-aware-dpo-lora.pt)"
         obj = load_torch_file(file, what="a LoRA adapter", loads=loads)
@@ -275,6 +281,9 @@ def read_lora_file(path: str | os.PathLike) -> LoRAFile:
             f"no LoRA weights at {file} (expected {PEFT_WEIGHTS} in a folder, or a .safetensors / .pt file)"
         )
     raw, meta = _read_tensors(file)
+    nonfinite = sorted(k for k, v in raw.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise ValueError(f"{file} holds non-finite values (NaN or inf) in {len(nonfinite)} tensors, e.g. {nonfinite[0]}")
     if any(k.startswith(SAT_LORA_PREFIX) for k in raw):
         raw, fmt = _from_sat(raw, file), "sat"
     else:

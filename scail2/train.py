@@ -10,6 +10,10 @@
 The configs are ``conf/`` (one group per axis) and ``experiments/`` (the ``experiment`` group); see
 docs/training.md. The resolved config is printed first; the outputs (run folder, MLflow store and how to view
 it, validation samples, checkpoints, exported model) are printed at the end.
+
+Exit codes: 0 done; 2 a bad command line or config (one line naming the key, the value and the fix);
+3 the run diverged (non-finite values, or a loss above ``module.max_loss``); 143 stopped by SIGTERM after
+writing a checkpoint (the message says how to resume); 1 any other failure.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from scail2.config.instantiate import ConfigError, instantiate, to_container, validate_targets
 
 log = logging.getLogger("scail2.train")
+
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
 
 
 @dataclass
@@ -71,12 +78,16 @@ def _check_complete(cfg: DictConfig) -> None:
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to resume from and its MLflow run record.
+    """The checkpoint to resume from and the MLflow run record to continue (None: a new MLflow run).
 
     ``ckpt_path``: None (fresh run), "last" (the newest complete checkpoint of ``run_name``; an error if there is
-    none), "auto" (the same, or a fresh run if there is none: for jobs that are requeued), or a path.
+    none), "auto" (the same, or a fresh run if there is none: for jobs that are requeued), or a path inside
+    ``paths.output_root``. A checkpoint that cannot be read is passed over ("last") or refused (a path). The
+    MLflow run is continued only when the checkpoint belongs to this ``run_name`` (`scail2.lit.faults.resume_record`).
     """
-    from scail2.lit.checkpoint import find_resume_checkpoint, is_complete, read_run_record
+    from scail2.config.checks import inside_root
+    from scail2.lit.checkpoint import find_resume_checkpoint, is_complete
+    from scail2.lit.faults import inspect_checkpoint, resume_record
 
     if cfg.ckpt_path is None:
         return None, None
@@ -87,15 +98,19 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | N
         if found is None and cfg.ckpt_path == "auto":
             return None, None
         if found is None:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"ckpt_path=last: no complete checkpoint under {root}/*/checkpoints for run_name={cfg.run_name}; "
                 "drop ckpt_path to start a fresh run, or pass ckpt_path=/path/to/step=NNNNNNN.ckpt"
             )
     else:
-        found = Path(cfg.ckpt_path).expanduser().absolute()
-        if not found.exists() or not is_complete(found.resolve()):
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no complete checkpoint there (a file or a folder with meta.pt)")
-    return found, read_run_record(found)
+        found = inside_root(cfg.ckpt_path, cfg.paths.output_root, "ckpt_path")
+        if not found.exists() or not is_complete(found):
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no complete checkpoint there (a file or a folder with meta.pt)")
+        problem = inspect_checkpoint(found)
+        if problem is not None:
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {problem}; give another checkpoint, or ckpt_path=last")
+    tracking_uri = cfg.logger.get("tracking_uri") if isinstance(cfg.logger, DictConfig) else None
+    return found, resume_record(found, cfg.run_name, tracking_uri)
 
 
 def _tracking(logger: Any) -> tuple[str | None, str | None]:
@@ -170,13 +185,16 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
+    from scail2.config.checks import check_config
     from scail2.lit.checkpoint import write_run_record
     from scail2.lit.export import ExportModel
+    from scail2.lit.faults import RunIdentity, StopCheckpoint
     from scail2.lit.tracking import record_run
 
     start = time.perf_counter()
     _absolute_paths(cfg)
     _check_complete(cfg)
+    check_config(cfg)
     validate_targets(cfg)
     is_zero = rank_zero_only.rank == 0
     if cfg.print_config and is_zero:
@@ -188,10 +206,13 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
     if datamodule is None:
         datamodule = instantiate(cfg.data, "data")
     module = build_module(cfg)
-    trainer = build_trainer(cfg, record["run_id"] if record else None, extra_callbacks)
+    identity = RunIdentity(cfg.run_name)
+    stop = StopCheckpoint(run_dir / "checkpoints")
+    trainer = build_trainer(cfg, record["run_id"] if record else None, [*extra_callbacks, identity, stop])
     logger = trainer.logger
     checkpoint_cb = trainer.checkpoint_callback
     ckpt_dir = Path(checkpoint_cb.dirpath) if checkpoint_cb is not None and checkpoint_cb.dirpath else None
+    stop.dirpath = ckpt_dir or stop.dirpath
     tracking_uri = run_id = None
     if logger is not None and is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,10 +222,18 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
         tracking_uri, run_id = _tracking(logger)
         if run_id is not None:
             write_run_record(run_dir, {"run_id": run_id, "tracking_uri": tracking_uri, "experiment_name": cfg.run_name})
+        identity.record.update(run_id=run_id, tracking_uri=tracking_uri)
     if ckpt_path is not None and is_zero:
         log.info("resuming from %s%s", ckpt_path, f" (MLflow run {record['run_id']})" if record else "")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except SIGTERMException:
+        from scail2.lit.faults import stopped
+
+        raise stopped(trainer, stop, run_id) from None
 
     export = next((cb for cb in trainer.callbacks if isinstance(cb, ExportModel)), None)
     last = Path(checkpoint_cb.last_model_path) if checkpoint_cb is not None and checkpoint_cb.last_model_path else None
@@ -273,7 +302,20 @@ def summary(result: TrainResult) -> str:
 def _task(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities import rank_zero_only
 
-    result = train(cfg)
+    from scail2.lit.faults import TrainingStopped
+    from scail2.models.loading import CheckpointError
+
+    try:
+        result = train(cfg)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except FloatingPointError as exc:
+        print(f"error: the run diverged: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DIVERGED) from None
     if rank_zero_only.rank == 0:
         print(summary(result), flush=True)
     # Returned to Hydra (sweepers can optimise it): the last validation's latent MSE, or for DPO the last held-out
@@ -288,11 +330,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``scail2-train``); ``argv`` replaces the command-line arguments when given."""
     import hydra
 
+    from scail2.config.checks import prepare_command_line
     from scail2.config.schema import config_dir, register_configs
 
-    register_configs()
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    try:
+        register_configs()
+        args = prepare_command_line(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    sys.argv = [sys.argv[0], *args]
     hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(_task)()
 
 

@@ -533,8 +533,10 @@ class _JudgeHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(body)
-        score = 3 if "Grade exactly one dimension: Motion Smoothness" in body["messages"][0]["content"] else 4
-        reply = {"choices": [{"message": {"role": "assistant", "content": f"Score: {score}\nfine"}}]}
+        system = body["messages"][0]["content"]
+        title = system.split("Grade exactly one dimension: ", 1)[1].split(".", 1)[0]
+        score = 3 if title == "Motion Smoothness" else 4
+        reply = {"choices": [{"message": {"role": "assistant", "content": f"{title}: {score}\nReason: fine"}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -21,24 +21,29 @@ Examples::
     torchrun --nproc_per_node 4 -m scail2.cli.animate --sequence-parallel 4 --model DIR --ref ref.png \\
         --driving dance.mp4 --out out.mp4
 
-Every bad input (unreadable file, size not divisible by 32, mask frame count, off-palette mask colours, a model
-folder missing a component) is reported before the model is loaded, with exit code 2 and a message naming the
-value and the fix.
+Every bad input (unreadable file, size not divisible by 32, a non-finite number, mask frame count, off-palette
+mask colours, a model folder missing a component, an output the video writer cannot write) is reported before
+the model is loaded, with exit code 2 and a message naming the value and the fix. If writing the video still fails
+after sampling, the frames and latents are kept in a safetensors file next to ``--out`` (exit code 3).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_OUTPUT = 3  # the video could not be written after sampling; the frames and latents were kept
 DTYPES = ("fp32", "bf16", "fp16")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 SIZE_MULTIPLE = 32  # VAE stride 8 x half-resolution driving x patch 2
+MAX_SIDE = 8192  # output height / width; inputs are resized to cover the output, so sizes beyond cost all memory
+MAX_ASPECT = 8.0  # longer / shorter output side (the training buckets are about 1.75)
 
 
 class InputError(Exception):
@@ -142,10 +147,18 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} {size} is not divisible by {SIZE_MULTIPLE}; use {hint}")
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps}; need at least 1 (40 by default)")
-    if args.guidance is not None and args.guidance < 1:
-        raise InputError(f"--guidance {args.guidance}; need >= 1 (1 = no guidance, 5 by default)")
-    if args.shift is not None and not args.shift > 0:
-        raise InputError(f"--shift {args.shift}; need a positive value (5 by default, 3 at 480p)")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
+        raise InputError(f"--guidance {args.guidance}; need >= 1, a finite number (1 = no guidance, 5 by default)")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise InputError(f"--shift {args.shift}; need a finite positive value (5 by default, 3 at 480p)")
+    if args.fps is not None and not (math.isfinite(args.fps) and 0 < args.fps <= 1000):
+        raise InputError(f"--fps {args.fps}; need a frame rate in (0, 1000], e.g. 16 (default: the driving video's)")
+    if args.lora_scale is not None and not math.isfinite(args.lora_scale):
+        raise InputError(f"--lora-scale {args.lora_scale}; need a finite strength (1 = as trained, 0 = none)")
+    if args.palette_tolerance is not None and not 0 <= args.palette_tolerance <= 1:
+        raise InputError(f"--palette-tolerance {args.palette_tolerance}; need a fraction in [0, 1] (0.05 by default)")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise InputError(f"--seed {args.seed}; need an integer in [0, 2**64 - 1] (random and printed when omitted)")
     if args.frames is not None and args.frames < 1:
         raise InputError(f"--frames {args.frames}; need at least 1")
     if (args.masks is None) != (args.ref_mask is None):
@@ -217,6 +230,66 @@ def _component_paths(args: argparse.Namespace) -> dict[str, Path | None]:
     }
 
 
+def _planned_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The output size: --height/--width, or the default from the reference image's header (None when the header
+    cannot be read: prepare_inputs reports that)."""
+    if args.height is not None:
+        return args.height, args.width
+    from PIL import Image
+
+    from scail2.pipeline.inputs import default_resolution
+
+    try:
+        with Image.open(args.ref) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - unreadable or a decompression bomb: named by prepare_inputs
+        return None
+    return default_resolution(height, width)
+
+
+def _check_output(out: Path, height: int, width: int, fps: float) -> None:
+    """The output size is sane and the video writer accepts this output (folder, container, codec, size, frame
+    rate): checked by writing one black frame next to ``out`` before any sampling."""
+    from scail2.data.video import check_video_output
+
+    if max(height, width) > MAX_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
+        raise InputError(
+            f"the output would be {height}x{width}: sides must be at most {MAX_SIDE} and at most {MAX_ASPECT:g} times "
+            "each other (the default size follows the reference image's aspect ratio); pass --height and --width, "
+            "e.g. --height 512 --width 896"
+        )
+    try:
+        check_video_output(out, height, width, fps)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"cannot write --out {out} ({height}x{width} at {fps:g} fps): {exc}; choose another --out, --fps, or "
+            "--height/--width (the default size follows the reference image's aspect ratio)"
+        ) from None
+
+
+def _keep(out, target: Path) -> Path:
+    """Save the generated frames and latents beside ``target`` (or in the temporary folder); returns the file."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from scail2.pipeline.pipeline import to_uint8
+
+    frames = out.frames if not isinstance(out.frames, torch.Tensor) else to_uint8(out.frames)
+    tensors = {"frames": torch.from_numpy(frames).contiguous()}
+    tensors.update({f"latents.{k}": z.contiguous() for k, z in enumerate(out.latents)})
+    metadata = {"fps": f"{out.fps:g}", "seed": str(out.seed)}
+    for folder in (target.parent, Path(tempfile.gettempdir())):
+        path = folder / f"{target.stem}.unsaved.safetensors"
+        try:
+            save_file(tensors, str(path), metadata=metadata)
+            return path
+        except OSError:
+            continue
+    raise RuntimeError(f"the frames could not be kept either (neither {target.parent} nor the temporary folder is writable)")
+
+
 def _strings(paths: list[Path] | None) -> list[str] | None:
     return None if paths is None else [str(p) for p in paths]
 
@@ -254,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             "fps": args.fps,
             "palette_tolerance": args.palette_tolerance,
         }
+        size = _planned_size(args)
+        if size is not None:  # checked before any input is resized to it
+            _check_output(args.out, *size, args.fps or 16.0)
         try:
             prepared = prepare_inputs(
                 args.ref,
@@ -268,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         except PipelineInputError as exc:
             raise InputError(str(exc)) from None
+        if size != (prepared.height, prepared.width) or prepared.fps != (args.fps or 16.0):
+            _check_output(args.out, prepared.height, prepared.width, prepared.fps)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -297,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _animate(args: argparse.Namespace, prepared, device: str) -> int:
     """Load the pipeline and write the video (global rank 0 prints and writes under sequence parallelism)."""
+    from safetensors import SafetensorError
+
     from scail2.models.loading import CheckpointError
     from scail2.pipeline.pipeline import SCAIL2Pipeline
 
@@ -308,14 +388,14 @@ def _animate(args: argparse.Namespace, prepared, device: str) -> int:
         pipe = SCAIL2Pipeline.from_pretrained(
             args.model, scheduler=args.scheduler, dtype=dtype, text_dtype=text_dtype, image_dtype=dtype, **parts
         )
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError, OSError, SafetensorError) as exc:
         print(f"error: cannot load the model from {args.model or 'the component paths'}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.lora is not None:
         scale = 1.0 if args.lora_scale is None else args.lora_scale
         try:
             pipe.load_lora(args.lora, scale=scale, merge=args.merge_lora, check_base=not args.no_lora_base_check)
-        except (FileNotFoundError, KeyError, ValueError) as exc:
+        except (FileNotFoundError, KeyError, ValueError, OSError, SafetensorError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"error: cannot load the LoRA adapter {args.lora}: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -358,7 +438,17 @@ def _animate(args: argparse.Namespace, prepared, device: str) -> int:
     )
     if not main_rank:
         return 0
-    path = out.save(args.out)
+    try:
+        path = out.save(args.out)
+    except Exception as exc:  # noqa: BLE001 - the frames must outlive any writer failure
+        kept = _keep(out, args.out)
+        print(
+            f"error: writing {args.out} failed after sampling ({type(exc).__name__}: {exc}); the frames and latents "
+            f"are kept in {kept} (safetensors: 'frames' uint8 (F, H, W, 3), 'latents.K' per segment; write them with "
+            f"scail2.data.video.write_video(OUT, safetensors.torch.load_file('{kept}')['frames'], {out.fps:g}))",
+            file=sys.stderr,
+        )
+        return EXIT_OUTPUT
     print(
         f"wrote {path} ({out.frames.shape[0]} frames, {prepared.height}x{prepared.width}, {out.fps:g} fps, "
         f"seed {out.seed}) in {time.perf_counter() - start:.1f} s"

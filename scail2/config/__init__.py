@@ -1,10 +1,13 @@
 """Configs of ``scail2-train``: structured schemas, their Hydra registration, and safe instantiation."""
 
 from scail2.config.instantiate import (
-    ALLOWED_TARGET_PREFIXES,
+    REGISTRATION_GROUP,
+    SHIPPED_TARGETS,
     ConfigError,
     UnsafeTargetError,
+    allowed_targets,
     instantiate,
+    registered_targets,
     to_container,
     validate_targets,
 )
@@ -21,18 +24,21 @@ from scail2.config.schema import (
 )
 
 __all__ = [
-    "ALLOWED_TARGET_PREFIXES",
+    "REGISTRATION_GROUP",
+    "SHIPPED_TARGETS",
     "ConfigError",
     "ExportConfig",
     "PathsConfig",
     "TrainConfig",
     "TrainerConfig",
     "UnsafeTargetError",
+    "allowed_targets",
     "compose_config",
     "config_dir",
     "experiments_dir",
     "instantiate",
     "register_configs",
+    "registered_targets",
     "target_schema",
     "to_container",
     "validate_targets",

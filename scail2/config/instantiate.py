@@ -1,35 +1,63 @@
 """Safe instantiation of ``_target_`` config nodes.
 
 A config file can name any importable callable in ``_target_``, and importing a module runs its code; so before
-anything is imported every ``_target_`` in the tree is checked against an allow-list of package prefixes, and
-every key of a node is checked against the target's signature. A bad node fails before any object is built,
-with the config path, the target and the fix in the message.
+anything is imported every ``_target_`` in the tree is checked against an allow-list of exact names: the
+callables the shipped configs build (`SHIPPED_TARGETS`) and those a user's own installed package registers
+(`registered_targets`). Every key of a node is checked against the target's signature. A bad node fails before
+any object is built, with the config path, the target and the fix in the message.
+
+What is checked is what is built: `instantiate` resolves the node's interpolations first and builds that
+resolved copy, so an interpolation cannot smuggle in a target the check did not see.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import inspect
-from collections.abc import Iterator
+import sys
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Packages whose callables a config may name. Everything else is refused.
-ALLOWED_TARGET_PREFIXES: tuple[str, ...] = ("scail2.", "torch.", "lightning.", "diffusers.", "peft.", "torchmetrics.")
-# Callables under an allowed prefix that still load or run arbitrary code (unpickling, hub downloads, compilers).
-DENIED_TARGET_PREFIXES: tuple[str, ...] = (
-    "torch.hub.",
-    "torch.load",
-    "torch.jit.load",
-    "torch.package.",
-    "torch.utils.cpp_extension.",
-    "torch.distributed.rpc.",
-    "torch.serialization.",
+# The callables that the shipped configs (conf/, experiments/ and the schemas of scail2.config.schema) name.
+# Nothing else is built from a config unless a package registers it (`REGISTRATION_GROUP`). A prefix rule
+# ("anything under torch.") admitted callables that run shell commands, unpickle or write files.
+SHIPPED_TARGETS: frozenset[str] = frozenset(
+    {
+        "lightning.pytorch.Trainer",
+        "lightning.pytorch.callbacks.EMAWeightAveraging",
+        "lightning.pytorch.loggers.MLFlowLogger",
+        "lightning.pytorch.strategies.DDPStrategy",
+        "torch.optim.AdamW",
+        "scail2.data.datamodule.MotionDataModule",
+        "scail2.data.preference_data.PreferenceDataModule",
+        "scail2.lit.callbacks.DataSkipMonitor",
+        "scail2.lit.callbacks.ThroughputMonitor",
+        "scail2.lit.callbacks.progress_bar",
+        "scail2.lit.checkpoint.PeriodicCheckpoint",
+        "scail2.lit.data.SyntheticDataModule",
+        "scail2.lit.data.SyntheticPreferenceDataModule",
+        "scail2.lit.dpo.DPOModule",
+        "scail2.lit.networks.scail2_transformer",
+        "scail2.lit.optim.warmup_cosine",
+        "scail2.lit.pretrain.PretrainModule",
+        "scail2.lit.strategies.FSDP2Strategy",
+        "scail2.lit.strategies.deepspeed",
+        "scail2.lit.strategies.single_device",
+        "scail2.objectives.dpo.DPOConfig",
+        "scail2.objectives.flow_matching.FlowMatchingConfig",
+    }
 )
+# Entry-point group through which an installed package registers its own classes as config targets, e.g. in
+# its pyproject.toml:  [project.entry-points."scail2.config_targets"]  my_callback = "mylab.callbacks:MyCallback"
+REGISTRATION_GROUP = "scail2.config_targets"
 # Keys Hydra's `instantiate` reads itself; they are not arguments of the target.
 HYDRA_KEYS: frozenset[str] = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+# Hydra keys whose values are flags, not nodes that can hold further targets.
+_FLAG_KEYS: frozenset[str] = frozenset({"_target_", "_partial_", "_recursive_", "_convert_"})
 
 
 class ConfigError(ValueError):
@@ -37,44 +65,98 @@ class ConfigError(ValueError):
 
 
 class UnsafeTargetError(ConfigError):
-    """A ``_target_`` outside the allowed packages."""
+    """A ``_target_`` that is neither shipped nor registered by an installed package."""
+
+
+def registered_targets() -> dict[str, str]:
+    """Targets registered by installed packages (entry points of `REGISTRATION_GROUP`): name -> distribution.
+
+    A package may register only callables of its own top-level package: not the standard library's, not
+    scail2's, not another installed distribution's (``os:system`` or ``torch.utils.collect_env:run``
+    registered by some package are refused with an error naming the package).
+    """
+    eps = importlib.metadata.entry_points(group=REGISTRATION_GROUP)
+    if not eps:
+        return {}
+    owners = importlib.metadata.packages_distributions()
+    out: dict[str, str] = {}
+    for ep in eps:
+        dist = ep.dist.name if ep.dist is not None else "<unknown>"
+        module, _, attr = ep.value.partition(":")
+        module, attr = module.strip(), attr.strip()
+        if not module or not attr or "[" in attr:
+            raise UnsafeTargetError(
+                f"package {dist} registers config target {ep.name} = {ep.value!r}; write it as 'package.module:Class'"
+            )
+        top = module.split(".")[0]
+        others = [d for d in owners.get(top, []) if _canonical(d) != _canonical(dist)]
+        if top == "scail2" or top in sys.stdlib_module_names or top in sys.builtin_module_names or others:
+            owner = "scail2" if top == "scail2" else ("the standard library" if not others else others[0])
+            raise UnsafeTargetError(
+                f"package {dist} registers config target {ep.value!r}, which belongs to {owner}; a package may "
+                f"register only classes of its own package ({REGISTRATION_GROUP} entry points)"
+            )
+        out[f"{module}.{attr}"] = dist
+    return out
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def allowed_targets() -> frozenset[str]:
+    """`SHIPPED_TARGETS` and the registered targets of installed packages."""
+    return SHIPPED_TARGETS | frozenset(registered_targets())
+
+
+def _resolved(container: Any, key: Any, path: str) -> Any:
+    """``container[key]`` with its interpolation resolved (errors name the config path)."""
+    try:
+        return container[key]
+    except Exception as exc:  # noqa: BLE001 - any resolver error: the node cannot be checked
+        raise ConfigError(f"config `{path}`: its interpolation cannot be resolved ({exc})") from None
 
 
 def iter_target_nodes(cfg: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
-    """Every node with a ``_target_`` key in ``cfg`` (depth first), with its dotted config path."""
-    if isinstance(cfg, (DictConfig, ListConfig)) and (cfg._is_none() or cfg._is_missing() or cfg._is_interpolation()):
+    """Every node with a ``_target_`` key in ``cfg`` (depth first), with its dotted config path.
+
+    Interpolations are resolved, so that a target an interpolation produces is walked too; Hydra's list of
+    positional arguments (``_args_``) is walked like any other value (Hydra builds the targets it holds).
+    """
+    if isinstance(cfg, (DictConfig, ListConfig)) and (cfg._is_none() or cfg._is_missing()):
         return
     if isinstance(cfg, DictConfig):
         if "_target_" in cfg:
             yield path or "<root>", cfg
         for key in cfg.keys():
-            if isinstance(key, str) and key.startswith("_") and key.endswith("_"):
+            if key in _FLAG_KEYS:
                 continue
-            child = cfg._get_node(key)  # no interpolation resolution needed to walk
-            yield from iter_target_nodes(child, f"{path}.{key}" if path else str(key))
+            where = f"{path}.{key}" if path else str(key)
+            node = cfg._get_node(key)
+            yield from iter_target_nodes(_resolved(cfg, key, where) if node._is_interpolation() else node, where)
     elif isinstance(cfg, ListConfig):
         for i in range(len(cfg)):
-            yield from iter_target_nodes(cfg._get_node(i), f"{path}[{i}]")
+            node = cfg._get_node(i)
+            where = f"{path}[{i}]"
+            yield from iter_target_nodes(_resolved(cfg, i, where) if node._is_interpolation() else node, where)
 
 
-def check_target_name(target: Any, path: str, allowed: tuple[str, ...] = ALLOWED_TARGET_PREFIXES) -> str:
-    """Refuse a ``_target_`` that is not a dotted name under one of ``allowed``; return it."""
+def check_target_name(target: Any, path: str, allowed: Collection[str] | None = None) -> str:
+    """Refuse a ``_target_`` that is not one of ``allowed`` (default: `allowed_targets`); return it."""
+    allowed = allowed_targets() if allowed is None else allowed
     if not isinstance(target, str):
         raise UnsafeTargetError(
-            f"config `{path}._target_` is a {type(target).__name__}, not a dotted name; write the import path "
-            f"of a callable under one of {list(allowed)}"
+            f"config `{path}._target_` is a {type(target).__name__}, not a dotted name; name one of the "
+            "targets the shipped configs use (scail2.config.SHIPPED_TARGETS)"
         )
-    if not any(target.startswith(p) for p in allowed):
+    if target not in allowed:
+        close = difflib.get_close_matches(target, sorted(allowed), n=1, cutoff=0.8)
+        hint = f"did you mean `{close[0]}`? " if close else ""
         raise UnsafeTargetError(
-            f"config `{path}._target_: {target}` is not allowed: targets must be under one of {list(allowed)}. "
-            "Wrap the callable in a function of your own package under scail2 (or pass the object in Python) "
-            "instead of naming arbitrary code in a config file"
-        )
-    denied = next((p for p in DENIED_TARGET_PREFIXES if target == p.rstrip(".") or target.startswith(p)), None)
-    if denied is not None:
-        raise UnsafeTargetError(
-            f"config `{path}._target_: {target}` is refused: `{denied.rstrip('.')}` loads or runs arbitrary code "
-            "(unpickling, downloads or compilation); load weights through scail2's loaders instead"
+            f"config `{path}._target_: {target}` is not allowed: a config may build only the callables the shipped "
+            f"configs use (scail2.config.SHIPPED_TARGETS) and those an installed package registers as its own. "
+            f"{hint}To build a class of your own package, register it (entry point group {REGISTRATION_GROUP}, "
+            "see docs/training.md)"
         )
     return target
 
@@ -140,25 +222,28 @@ def check_keys(node: DictConfig, target: Any, path: str) -> None:
         )
 
 
-def validate_targets(cfg: DictConfig, allowed: tuple[str, ...] = ALLOWED_TARGET_PREFIXES, path: str = "") -> int:
-    """Check every ``_target_`` node of ``cfg``: allowed package, importable, keys known. Returns the count.
+def validate_targets(cfg: DictConfig, allowed: Collection[str] | None = None, path: str = "") -> int:
+    """Check every ``_target_`` node of ``cfg``: an allowed name, importable, keys known. Returns the count.
 
     Names are checked for the whole tree before anything is imported, so a refused target never runs.
-    ``path``: where ``cfg`` sits in the full config (for messages).
+    ``allowed``: the admitted names (default: `allowed_targets`). ``path``: where ``cfg`` sits in the full
+    config (for messages).
     """
+    allowed = allowed_targets() if allowed is None else allowed
     nodes = list(iter_target_nodes(cfg, path))
-    for path, node in nodes:
-        check_target_name(node["_target_"], path, allowed)
-    for path, node in nodes:
-        target = locate(node["_target_"], path)
-        check_keys(node, target, path)
+    for where, node in nodes:
+        check_target_name(node["_target_"], where, allowed)
+    for where, node in nodes:
+        target = locate(node["_target_"], where)
+        check_keys(node, target, where)
     return len(nodes)
 
 
 def instantiate(node: Any, path: str, /, **kwargs: Any) -> Any:
     """Build ``node`` (a ``_target_`` config) after checking it; ``kwargs`` add or replace arguments.
 
-    Nested ``_target_`` nodes are built too; containers reach the target as plain ``dict``/``list``.
+    The node is resolved first and the resolved copy is both checked and built (what is checked is what is
+    built). Nested ``_target_`` nodes are built too; containers reach the target as plain ``dict``/``list``.
     Returns None for a None node.
     """
     from hydra.utils import instantiate as hydra_instantiate
@@ -167,21 +252,25 @@ def instantiate(node: Any, path: str, /, **kwargs: Any) -> Any:
         return None
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"config `{path}` has no `_target_`; it cannot be instantiated")
-    validate_targets(node, path=path)
+    try:
+        resolved = OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=False))
+    except Exception as exc:  # noqa: BLE001 - a resolver's own error
+        raise ConfigError(f"config `{path}`: cannot resolve its interpolations ({exc})") from None
+    validate_targets(resolved, path=path)
     for name in kwargs:
-        params, open_kwargs = _parameters(locate(node["_target_"], path))
+        params, open_kwargs = _parameters(locate(resolved["_target_"], path))
         if name not in params and not open_kwargs:
-            raise ConfigError(f"{node['_target_']} (config `{path}`) takes no argument `{name}`")
+            raise ConfigError(f"{resolved['_target_']} (config `{path}`) takes no argument `{name}`")
     from hydra.errors import InstantiationException
 
     try:
-        return hydra_instantiate(node, _convert_="all", **kwargs)
+        return hydra_instantiate(resolved, _convert_="all", **kwargs)
     except InstantiationException as exc:
         # Hydra wraps the target's own error; surface that message with the config path it came from.
         cause = exc.__cause__
         if cause is None or isinstance(cause, InstantiationException):
             raise
-        raise ConfigError(f"config `{path}` ({node['_target_']}): {type(cause).__name__}: {cause}") from cause
+        raise ConfigError(f"config `{path}` ({resolved['_target_']}): {type(cause).__name__}: {cause}") from cause
 
 
 def to_container(cfg: Any) -> Any:

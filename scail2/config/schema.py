@@ -319,8 +319,12 @@ def register_configs(experiments: Path | None = None) -> None:
         schema = target_schema(locate(target, f"schema/{group}/{name}"), injected, partial=partial)
         cs.store(group=f"schema/{group}", name=name, node=schema)
     folder = experiments if experiments is not None else experiments_dir()
+    from scail2.config.checks import check_hydra_node
+
     for path in sorted(folder.glob("*.yaml")):
-        cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        node = OmegaConf.load(path)
+        check_hydra_node(node, f"experiment file {path}")  # Hydra settings there could name code
+        cs.store(group="experiment", name=path.stem, node=node, package="_global_")
 
 
 def _latest_export(run_name: str, *, _root_: Any) -> str:

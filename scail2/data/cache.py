@@ -163,11 +163,15 @@ class CacheReport:
 
 
 class _PixelJobs(Dataset):
-    """Decoding in loader workers: item -> (record index, PixelSample or (reason, field, detail))."""
+    """Decoding in loader workers: item -> (record index, PixelSample or (reason, field, detail)).
 
-    def __init__(self, records, pending, buckets, options, seed, backend):
+    Each record is first checked as ``scail2-data validate`` checks it (``validate``; None skips that): a
+    record validate flags is refused, not encoded. Any error of one record is that record's failure.
+    """
+
+    def __init__(self, records, pending, buckets, options, seed, backend, validate=None):
         self.records, self.pending, self.buckets = records, pending, buckets
-        self.options, self.seed, self.backend = options, seed, backend
+        self.options, self.seed, self.backend, self.validate = options, seed, backend, validate
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -176,6 +180,10 @@ class _PixelJobs(Dataset):
         index = self.pending[i]
         record = self.records[index]
         try:
+            if self.validate is not None:
+                refused = _validation_failure(record, self.validate)
+                if refused is not None:
+                    return index, refused
             meta = record_meta(record, self.backend)
             bucket = assign_bucket(meta.num_frames, meta.fps, meta.height, meta.width, self.buckets)
             if bucket is None:
@@ -185,6 +193,22 @@ class _PixelJobs(Dataset):
             return index, load_pixel_sample(record, bucket, choices, drivings, self.backend)
         except SampleError as exc:
             return index, (exc.reason, exc.field, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - one record's failure must not end the whole cache run
+            return index, ("invalid", "<record>", f"{type(exc).__name__}: {exc}")
+
+
+def _validation_failure(record: MotionRecord, options) -> tuple[str, str, str] | None:
+    """(reason, field, detail) of the first problem `scail2.data.validate.validate_record` finds, or None."""
+    from scail2.data.validate import validate_record
+
+    report = validate_record(record, options)
+    if report.ok:
+        return None
+    field_name, detail = report.problems[0]
+    more = f" (and {len(report.problems) - 1} more: scail2-data validate lists them)" if len(report.problems) > 1 else ""
+    first = detail.split(":", 1)[0]
+    reason = first if first in ("missing", "empty", "unreadable", "truncated") else "invalid"
+    return reason, field_name, detail + more
 
 
 def _first(batch):
@@ -214,11 +238,14 @@ def build_cache(
     backend: Backend = "auto",
     encoders_name: str = "",
     progress: bool = True,
+    validate: Any = "default",
 ) -> CacheReport:
     """Encode ``records`` into ``out_dir`` (created or resumed). ``encoders``: a loaded `Encoders`.
 
     A folder built with other settings (buckets, options, seed, dtype, encoders name) is refused rather than
-    mixed. Returns counts; failures are listed in the index with their reason.
+    mixed. Every record is checked first as ``scail2-data validate`` checks it (``validate``: a
+    `scail2.data.validate.ValidateOptions`, "default" for its defaults, None to skip): what validate flags is
+    not cached. Returns counts; failures are listed in the index with their reason.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -258,7 +285,11 @@ def build_cache(
     pending = [i for i, r in enumerate(records) if r.id not in done]
     skipped_done = len(records) - len(pending)
     store = _DTYPES[dtype]
-    jobs = _PixelJobs(records, pending, buckets, options, seed, backend)
+    if validate == "default":
+        from scail2.data.validate import ValidateOptions
+
+        validate = ValidateOptions(min_frames=1)  # the buckets decide what is too short (reason too_short)
+    jobs = _PixelJobs(records, pending, buckets, options, seed, backend, validate)
     loader = DataLoader(jobs, batch_size=1, num_workers=num_workers, collate_fn=_first)
 
     tensors: dict[str, torch.Tensor] = {}

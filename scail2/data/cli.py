@@ -79,14 +79,20 @@ def _synth(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     import torch
 
-    from scail2.data.cache import build_cache
-    from scail2.data.manifest import load_manifest
+    from scail2.data.cache import CacheIndex, build_cache
     from scail2.data.sample import AugmentOptions
+    from scail2.data.validate import ValidateOptions
     from scail2.encoders.bundle import Encoders
 
     dtypes = {"stored": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    records = load_manifest(args.manifest)
+    try:
+        records, unparsed = _parse_manifest(args.manifest)
+    except (OSError, ValueError) as exc:
+        print(f"scail2-data cache: cannot read {args.manifest}: {exc}", file=sys.stderr)
+        return 2
+    index_file = Path(args.out_dir) / "index.json"
+    known_failures = {f["id"] for f in CacheIndex.load(args.out_dir).failed} if index_file.is_file() else set()
     encoders = Encoders.from_pretrained(
         args.encoders,
         vae_path=args.vae,
@@ -111,12 +117,43 @@ def _cache(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         encoders_name=os.path.basename(os.path.normpath(str(args.encoders or args.vae or ""))),
         progress=not args.no_progress,
+        validate=ValidateOptions(palette_tolerance=args.palette_tolerance, min_frames=1),
     )
+    failed = CacheIndex.load(args.out_dir).failed
+    for failure in failed:
+        if failure["id"] not in known_failures:  # this run's failures, one line each
+            print(f"{failure['id']}: {failure['field']}: {failure['reason']}: {failure['detail']}", file=sys.stderr)
+    reasons: dict[str, int] = {}
+    for failure in failed:
+        reasons[failure["reason"]] = reasons.get(failure["reason"], 0) + 1
+    by_reason = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
     print(
         f"cache {args.out_dir}: {report.cached} samples ({report.added} new, {report.skipped_done} already done), "
-        f"{report.failed} failed records, {report.seconds:.1f} s"
+        f"{report.failed} failed records{f' ({by_reason}; listed in index.json)' if by_reason else ''}, "
+        f"{len(unparsed)} unreadable manifest lines, {report.seconds:.1f} s"
     )
     return 0
+
+
+def _parse_manifest(path: Path) -> tuple[list, list]:
+    """The records of a manifest and the lines that cannot be parsed (printed, one each, and skipped) and
+    duplicate ids (the first record with an id is kept): one bad line does not stop a scan."""
+    from scail2.data.manifest import ManifestError, iter_manifest
+
+    records, unparsed, seen = [], [], {}
+    for line, item in iter_manifest(path):
+        if isinstance(item, ManifestError):
+            unparsed.append(item)
+            print(f"line {line}: {item.record_id or '<no id>'}: {item.field}: {item.reason} (skipped)", file=sys.stderr)
+        elif item.id in seen:
+            unparsed.append(item)
+            print(f"line {line}: {item.id}: id: duplicate id (first on line {seen[item.id]}; skipped)", file=sys.stderr)
+        else:
+            seen[item.id] = line
+            records.append(item)
+    if not records:
+        raise ValueError("no readable records")
+    return records, unparsed
 
 
 def _preference(args: argparse.Namespace) -> int:
@@ -284,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-dtype", default="stored", choices=dtypes, help="umT5 (recommended: bfloat16)")
     c.add_argument("--image-dtype", default="stored", choices=dtypes, help="CLIP (recommended: float16 on GPU)")
     c.add_argument("--no-augment", action="store_true", help="no forward pairs, crops or skeleton scaling")
+    c.add_argument(
+        "--palette-tolerance", type=float, default=0.01,
+        help="max fraction of off-palette mask pixels (as validate; records validate flags are not cached)",
+    )
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cache)
 

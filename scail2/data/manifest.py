@@ -39,6 +39,9 @@ PAPER_PAIR_COUNTS: Mapping[str, int] = {
     "pose": 100_000,
 }
 
+# Frame rates a record may declare (frames per second); outside this a value is a typo or corrupt (1e-320).
+FPS_RANGE: tuple[float, float] = (1.0, 1000.0)
+
 # The three sampling classes of the training mix (paper App. A: 60 / 20 / 20).
 SOURCE_CLASSES: tuple[str, ...] = ("animation", "replacement", "pose")
 
@@ -241,6 +244,8 @@ def parse_record(raw: Any, base: Path, line: int | None = None) -> MotionRecord:
     fps = raw["fps"]
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
         fail("fps", f"expected a positive number, got {_type_name(fps)} {fps!r}")
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        fail("fps", f"{fps!r} is not a video frame rate; give the video's rate, between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}")
     values["fps"] = float(fps)
     for name in _BOOL_FIELDS:
         if name in raw:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
@@ -448,7 +449,8 @@ class SyntheticRenderer:
 # Choosing components by import path
 # ----------------------------------------------------------------------------------------------------
 
-DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = ("scail2.",)
+# scail2's component classes; a user's own package is admitted with --allow PREFIX.
+DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = ("scail2.data.preference_components.", "scail2.data.preference_builder.")
 
 
 def instantiate(
@@ -457,7 +459,9 @@ def instantiate(
     """Build a component from ``"package.module.Class"`` or ``{"_target_": "package.module.Class", **kwargs}``.
 
     Only targets under ``allowed_prefixes`` are imported (a config file names code; it must not name any
-    code). Keyword values that are themselves ``{"_target_": ...}`` mappings are built first, under the same rule.
+    code), and a target must be a class defined in the module it is named from: not a function (such as this
+    one, or a command's ``main``) and not a name that module imported from elsewhere. Keyword values that are
+    themselves ``{"_target_": ...}`` mappings are built first, under the same rule.
     """
     if isinstance(spec, str):
         target, kwargs = spec, {}
@@ -482,8 +486,11 @@ def instantiate(
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"{what}: cannot import {target!r}: {exc}") from None
-    if not callable(obj):
-        raise ValueError(f"{what}: {target!r} is not a class or factory")
+    if not inspect.isclass(obj) or obj.__module__ != module_name:
+        where = f"defined in {obj.__module__}" if inspect.isclass(obj) else f"a {type(obj).__name__}, not a class"
+        raise ValueError(
+            f"{what}: {target!r} is {where}; a component must be a class named by the module that defines it"
+        )
     built = {
         k: instantiate(v, allowed_prefixes, f"{what}.{k}") if isinstance(v, Mapping) and "_target_" in v else v
         for k, v in kwargs.items()

@@ -40,7 +40,7 @@ from scail2.data.transforms import (
 from scail2.data.video import Backend, VideoDecodeError, VideoReader, read_image
 
 # Why a sample was skipped; the datasets count skips per (source, reason).
-SKIP_REASONS: tuple[str, ...] = ("missing", "empty", "unreadable", "truncated", "too_short", "mismatch")
+SKIP_REASONS: tuple[str, ...] = ("missing", "empty", "unreadable", "truncated", "too_short", "mismatch", "invalid")
 REGION_NAMES: tuple[str, ...] = ("hands", "faces", "ocr")
 
 

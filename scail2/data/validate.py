@@ -18,7 +18,7 @@ import torch
 from scail2.data.buckets import Bucket, assign_bucket
 from scail2.data.manifest import ManifestError, MotionRecord, iter_manifest
 from scail2.data.transforms import TRAIN_FPS, resampled_length
-from scail2.data.video import VideoDecodeError, VideoReader, read_image
+from scail2.data.video import VFR_TOLERANCE, VideoDecodeError, VideoReader, read_image, variable_rate
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class ValidateOptions:
     min_frames: fewest frames at 16 fps a record must have (when ``buckets`` is empty).
     buckets: when given, the record must fit one of them.
     fps_tolerance: relative difference allowed between the record's fps and the container's.
+    vfr_tolerance: relative deviation of a frame interval from the median that counts as a variable frame rate
+        (`scail2.data.video.variable_rate`); variable-rate videos are refused, not resampled.
     """
 
     full: bool = False
@@ -35,6 +37,7 @@ class ValidateOptions:
     min_frames: int = 5
     buckets: tuple[Bucket, ...] = ()
     fps_tolerance: float = 0.01
+    vfr_tolerance: float = VFR_TOLERANCE
 
 
 @dataclass
@@ -68,12 +71,20 @@ def _check_video(path: Path, name: str, report: RecordReport, options: ValidateO
             n = reader.num_frames
             indices = list(range(n)) if options.full else sorted({0, n // 2, n - 1})
             frames = reader.read(indices)
-            return _Video(n, reader.fps, reader.size, frames if keep else None)
+            info = _Video(n, reader.fps, reader.size, frames if keep else None)
     except VideoDecodeError as exc:
         report.add(name, f"{exc.reason}: {exc.detail} ({path})")
+        return None
     except Exception as exc:  # a decoder crash must not stop the scan of the other records
         report.add(name, f"unreadable: {type(exc).__name__}: {exc} ({path})")
-    return None
+        return None
+    try:
+        problem = variable_rate(path, options.vfr_tolerance)
+    except Exception:  # noqa: BLE001 - a container PyAV cannot demux: its timing cannot be checked here
+        problem = None
+    if problem is not None:
+        report.add(name, f"{problem} ({path})")
+    return info
 
 
 def _unit(frames: np.ndarray) -> torch.Tensor:
@@ -201,7 +212,11 @@ def validate_record(record: MotionRecord, options: ValidateOptions = ValidateOpt
 
 def _validate_one(args: tuple[MotionRecord, ValidateOptions, int]) -> RecordReport:
     record, options, line = args
-    report = validate_record(record, options)
+    try:
+        report = validate_record(record, options)
+    except Exception as exc:  # noqa: BLE001 - one record's failing check must not end the scan of the others
+        report = RecordReport(record.id)
+        report.add("<record>", f"a check failed: {type(exc).__name__}: {exc}")
     report.line_number = line
     return report
 

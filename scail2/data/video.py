@@ -8,7 +8,9 @@ cause; nothing here retries forever or caches decoded frames.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "decord", "pyav"]
 BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Largest image read (width x height), checked from the header before any pixel is decoded: a small PNG can
+# declare billions of pixels (a decompression bomb). 8192 x 8192 is far above any training or inference size.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# A frame interval further than this from the median interval counts as irregular (variable frame rate).
+VFR_TOLERANCE = 0.25
 
 
 class VideoDecodeError(RuntimeError):
@@ -252,17 +259,72 @@ def read_video(path: str | Path, frame_indices: Sequence[int] | None = None, bac
         return reader.read(frame_indices)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB."""
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) RGB. An image of more than ``max_pixels`` pixels is refused from its
+    header, before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     _check_file(path)
+
+    def too_large(size: str, pixels: int) -> VideoDecodeError:
+        return VideoDecodeError(
+            path,
+            "unreadable",
+            f"the image declares {size}{pixels / 1e6:.0f}M pixels, over the limit of {max_pixels / 1e6:.0f}M "
+            "(scail2.data.video.MAX_IMAGE_PIXELS); downscale it (e.g. to 4096 pixels on the long side) or check the "
+            "file: a small file declaring so many pixels is a decompression bomb",
+        )
+
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise too_large(f"{width}x{height} = ", width * height)
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own, larger limit, met while opening
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise too_large("", int(found.group(1)) if found else max_pixels + 1) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise VideoDecodeError(path, "unreadable", f"{type(exc).__name__}: {exc}") from exc
+
+
+def frame_times(path: str | Path) -> np.ndarray:
+    """Presentation times (seconds, sorted) of the packets of the first video stream, read from the container
+    without decoding (PyAV demuxing)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        base = float(stream.time_base) if stream.time_base else 0.0
+        pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+    return np.sort(np.asarray(pts, dtype=np.float64)) * base
+
+
+def variable_rate(path: str | Path, tolerance: float = VFR_TOLERANCE) -> str | None:
+    """Why the video at ``path`` does not have a constant frame rate, or None.
+
+    Irregular: a frame interval (between consecutive presentation times) further than ``tolerance`` times the
+    median interval from the median, for more than 2% of the intervals (at least 2). A constant-rate video
+    whose times are rounded to its time base (29.97 fps in milliseconds) is regular; a video whose frames
+    arrive at varying intervals but average 16 fps is not, and its frame indices are not 1/fps apart.
+    """
+    times = frame_times(path)
+    if len(times) < 3:
+        return None
+    steps = np.diff(times)
+    median = float(np.median(steps))
+    if median <= 0:
+        return f"variable frame rate: {int((steps <= 0).sum())} of {len(steps)} frames repeat the previous timestamp"
+    irregular = np.abs(steps - median) > tolerance * median
+    if int(irregular.sum()) <= max(1, int(0.02 * len(steps))):
+        return None
+    return (
+        f"variable frame rate: {int(irregular.sum())} of {len(steps)} frame intervals differ from the median "
+        f"{median * 1000:.1f} ms by more than {tolerance:.0%} (they range {steps.min() * 1000:.1f}-"
+        f"{steps.max() * 1000:.1f} ms, {1 / steps.mean():.3g} fps on average); re-encode it at a constant rate, e.g. "
+        "ffmpeg -i IN.mp4 -fps_mode cfr -r 16 OUT.mp4"
+    )
 
 
 def write_image(path: str | Path, image: np.ndarray) -> Path:
@@ -330,6 +392,7 @@ def write_video(
     import av
 
     frames = _as_uint8(frames)
+    _check_rate(fps)
     f, height, width, _ = frames.shape
     if f == 0:
         raise ValueError(f"no frames to write to {path}")
@@ -363,6 +426,28 @@ def write_video(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def check_video_output(path: str | Path, height: int, width: int, fps: float, *, lossless: bool = False) -> None:
+    """Raise (``ValueError``, ``OSError`` or PyAV's error, with the reason) when `write_video` cannot write a
+    ``height`` x ``width`` video at ``fps`` to ``path``: one black frame is written next to it and removed, so
+    the folder, the container, the codec, the size and the frame rate are all tried before any work is done."""
+    path = Path(path)
+    _check_rate(fps)
+    probe = path.with_name(f".{path.stem}.{os.getpid()}.check{path.suffix}")
+    try:
+        write_video(probe, np.zeros((1, height, width, 3), np.uint8), fps, lossless=lossless)
+    except Exception as exc:
+        if type(exc).__module__.startswith("av"):
+            raise ValueError(f"the video encoder refuses it ({exc})") from None
+        raise
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _check_rate(fps: float) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and 0 < fps <= 1000):
+        raise ValueError(f"frame rate {fps!r}; need a finite rate in (0, 1000] frames per second, e.g. 16")
 
 
 def _container_format(path: Path) -> str | None:

@@ -9,10 +9,16 @@ local vLLM server) with temperature 0. Frames are sent as low-detail JPEG data U
   1x8 grids (left to right = forward in time).
 
 The system prompt, the frame captions and the answer format come from versioned text files
-(``scail2/eval/prompts/<version>/``). The score is the first ``:\\s*(\\d+)`` of the reply and must lie in
-1..5; malformed replies and transient HTTP errors are retried with exponential back-off, and what still
-fails is reported, not guessed. Answers are cached on disk by (video hash, prompt version and digest, judge
-model, dimension, repeat index, image settings) and every raw reply is kept.
+(``scail2/eval/prompts/<version>/``). The score is read strictly in the format the prompt asks for: one line
+``<Dimension title>: <integer 1-5>`` (``Imaging Quality: 4``); "4.5", "2/10", a number elsewhere in the text or
+a refusal is a malformed reply. Malformed replies and transient HTTP errors are retried with exponential
+back-off, and what still fails is reported as a failure, never guessed. Answers are cached on disk by (video
+hash, prompt version and digest, judge model, dimension, repeat index, image settings) and every raw reply is
+kept.
+
+Requests: the API key is sent to ``base_url``'s origin only, and redirects are not followed (a redirect is
+reported as a failure naming where it pointed); every request has a total deadline (``timeout_s``: connecting,
+sending and reading the whole reply, not only each read), and replies are at most `MAX_REPLY_BYTES`.
 """
 
 from __future__ import annotations
@@ -25,11 +31,9 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -40,10 +44,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scail2.utils.http import RequestFailed, parse_url, post
+
 Sampling = Literal["static", "dynamic"]
-SCORE_PATTERN = re.compile(r":\s*(\d+)")
 SCORE_RANGE = (1, 5)
 GRID_FRAMES = 8
+MAX_REPLY_BYTES = 4 * 2**20  # a chat reply of max_tokens tokens is a few KB; more is not a judge's answer
+_REDIRECTS = range(300, 400)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class JudgeConfig:
     repeats: int = 1  # k independent answers per (video, dimension); mean and std are over these
     max_attempts: int = 4  # per answer: first try plus retries on malformed replies and transient errors
     backoff_s: float = 2.0  # wait backoff_s * 2**(attempt - 1) before the next attempt
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # total deadline of one request: connecting, sending and reading the whole reply
     max_tokens: int = 128
     image_detail: str = "low"
     max_image_side: int = 1024  # every image (frame or 1x8 grid) is downscaled to fit this
@@ -133,12 +140,25 @@ def load_prompt(version: str, name: str) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
-def parse_score(text: str) -> int | None:
-    """The first ``:\\s*(\\d+)`` of ``text`` if it lies in 1..5, else None (a malformed answer)."""
-    match = SCORE_PATTERN.search(text)
-    if match is None:
+def parse_score(text: str, title: str) -> int | None:
+    """The score of a reply in the requested format, else None (a malformed answer).
+
+    The reply must hold exactly one line ``<title>: <integer>`` (the title case-insensitive, markdown bold
+    around the title or the line tolerated, a final full stop allowed) and that integer must lie in 1..5.
+    Anything else ("4.5", "2/10", "4 out of 5", a score under another name, two score lines, a refusal) is
+    malformed: a number is never guessed from free text.
+    """
+    if not isinstance(text, str):
         return None
-    score = int(match.group(1))
+    line = re.compile(
+        rf"^\s*(?:\*\*)?\s*{re.escape(title)}\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*(\d+)\s*(?:\*\*)?\s*\.?\s*$",
+        re.IGNORECASE | re.MULTILINE,
+    )
+    matches = line.findall(text)
+    mentions = re.findall(rf"^\W*{re.escape(title)}\W*:", text, re.IGNORECASE | re.MULTILINE)
+    if len(matches) != 1 or len(mentions) != 1:
+        return None
+    score = int(matches[0])
     return score if SCORE_RANGE[0] <= score <= SCORE_RANGE[1] else None
 
 
@@ -232,6 +252,11 @@ class VideoJudge:
     def __init__(self, config: JudgeConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
         if config.repeats < 1 or config.max_attempts < 1:
             raise ValueError(f"repeats ({config.repeats}) and max_attempts ({config.max_attempts}) must be >= 1")
+        if not (isinstance(config.timeout_s, (int, float)) and math.isfinite(config.timeout_s) and config.timeout_s > 0):
+            raise ValueError(f"timeout_s is {config.timeout_s!r}; need a finite number of seconds > 0 (120 by default)")
+        if not (math.isfinite(config.backoff_s) and config.backoff_s >= 0):
+            raise ValueError(f"backoff_s is {config.backoff_s!r}; need a finite number of seconds >= 0")
+        self._url = _endpoint(config.base_url)
         self.config = config
         self._sleep = sleep
 
@@ -276,26 +301,29 @@ class VideoJudge:
         api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(cfg.api_key_env)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        request = urllib.request.Request(
-            cfg.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(), headers=headers
-        )
         try:
-            with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode("utf-8", "replace")
-            message = f"HTTP {exc.code} from {request.full_url}: {detail}"
-            if exc.code in (408, 409, 429) or exc.code >= 500:
-                raise _Transient(message) from exc
-            raise _Fatal(message) from exc
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
-            raise _Transient(f"no reply from {request.full_url}: {exc}") from exc
+            reply = post(self._url, json.dumps(body).encode(), headers, cfg.timeout_s, MAX_REPLY_BYTES)
+        except RequestFailed as exc:
+            raise _Transient(f"{exc} (timeout_s={cfg.timeout_s:g})" if exc.reason == "timeout" else str(exc)) from exc
+        status, location, payload = reply.status, reply.location, reply.body
+        url = self._url.geturl()
+        if status in _REDIRECTS:
+            raise _Fatal(
+                f"HTTP {status} from {url} redirects to {location!r}; the judge follows no redirect (its key goes to "
+                "base_url's origin only): set judge.base_url to the address that answers"
+            )
+        if status >= 400 or status < 200:
+            detail = payload[:300].decode("utf-8", "replace")
+            message = f"HTTP {status} from {url}: {detail}"
+            if status in (408, 409, 429) or status >= 500:
+                raise _Transient(message)
+            raise _Fatal(message)
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise _Transient(f"unreadable reply {payload[:200]!r}") from exc
         if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         if not isinstance(content, str):
             raise _Transient(f"reply content is {type(content).__name__}, not text")
         return content
@@ -309,14 +337,14 @@ class VideoJudge:
         return Path(self.config.cache_dir).expanduser() / f"{name}.json"
 
     @staticmethod
-    def _read_cache(path: Path | None, repeat: int) -> JudgeAnswer | None:
+    def _read_cache(path: Path | None, repeat: int, title: str) -> JudgeAnswer | None:
         if path is None or not path.is_file():
             return None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ValueError(f"judge cache entry {str(path)!r} is not valid JSON ({exc}); delete it to re-ask") from exc
-        score = parse_score(record.get("raw", ""))
+        score = parse_score(record.get("raw", ""), title) if isinstance(record, dict) else None
         if score is None:
             return None  # an entry that no longer parses is ignored and re-asked
         return JudgeAnswer(repeat=repeat, score=score, raw=record["raw"], attempts=0, cached=True)
@@ -333,9 +361,9 @@ class VideoJudge:
 
     # -- scoring -----------------------------------------------------------------------------------------
 
-    def _answer(self, make_body: Callable[[], dict], key: Mapping, repeat: int) -> JudgeAnswer:
+    def _answer(self, make_body: Callable[[], dict], key: Mapping, repeat: int, title: str) -> JudgeAnswer:
         path = self._cache_path(key)
-        cached = self._read_cache(path, repeat)
+        cached = self._read_cache(path, repeat, title)
         if cached is not None:
             return cached
         body = make_body()
@@ -350,11 +378,11 @@ class VideoJudge:
             except _Transient as exc:
                 error = str(exc)
             else:
-                score = parse_score(raw)
+                score = parse_score(raw, title)
                 if score is not None:
                     self._write_cache(path, key, raw, score)
                     return JudgeAnswer(repeat, score, raw, attempt, False)
-                error = f"malformed answer (no ': <1-5>'): {raw[:200]!r}"
+                error = f"malformed answer (no line '{title}: <1-5>'): {raw[:200]!r}"
             if attempt < cfg.max_attempts:
                 self._sleep(cfg.backoff_s * 2 ** (attempt - 1))
         return JudgeAnswer(repeat, None, raw, cfg.max_attempts, False, f"gave up after {cfg.max_attempts} attempts: {error}")
@@ -375,8 +403,8 @@ class VideoJudge:
         video = _check_video(video)
         for k, c in enumerate(context):
             _check_video(c, f"context[{k}]")
-        if fps <= 0:
-            raise ValueError(f"fps is {fps}; pass the video's frame rate (e.g. 16)")
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps is {fps}; pass the video's frame rate, a finite number > 0 (e.g. 16)")
         cfg = self.config
         vhash = video_hash(video, fps, context)
         results: dict[str, DimensionScore] = {}
@@ -402,10 +430,15 @@ class VideoJudge:
                     "repeat": repeat,
                     "images": [cfg.image_detail, cfg.max_image_side, cfg.jpeg_quality],
                 }
-                answers.append(self._answer(make_body, key, repeat))
+                answers.append(self._answer(make_body, key, repeat, dim.title))
             scores = tuple(a.score for a in answers if a.score is not None)
             results[dim.name] = DimensionScore(dim.name, scores, tuple(answers))
         return results
+
+
+def _endpoint(base_url: str) -> urllib.parse.SplitResult:
+    """The chat-completions URL of ``base_url`` (an http(s) URL with a host and no credentials)."""
+    return parse_url(str(base_url).rstrip("/") + "/chat/completions", "judge base_url")
 
 
 def aggregate(results: Sequence[Mapping[str, DimensionScore]]) -> dict[str, dict[str, float]]:

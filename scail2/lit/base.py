@@ -76,6 +76,7 @@ class SCAIL2Module(L.LightningModule):
             (`scail2.models.attention`).
         nonfinite: "error" (raise before the optimizer step) or "skip" (drop the step; weights untouched).
         max_consecutive_skips: in skip mode, raise after this many skipped steps in a row (diverged run).
+        max_loss: a training loss above this counts as divergence, like a non-finite one (None: no bound).
         validation: when and how to draw validation samples (`ValidationConfig` or its fields); None: never.
         seed: seed of the initial weights and of the objective's per-rank generator (ranks derive their own).
     """
@@ -92,6 +93,7 @@ class SCAIL2Module(L.LightningModule):
         attention_backend: str = "sdpa",
         nonfinite: str = "error",
         max_consecutive_skips: int = 10,
+        max_loss: float | None = None,
         validation: ValidationConfig | Mapping[str, Any] | None = ValidationConfig(),
         seed: int = 0,
     ):
@@ -100,6 +102,8 @@ class SCAIL2Module(L.LightningModule):
             raise ValueError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_MODES}")
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips is {max_consecutive_skips}; need at least 1")
+        if max_loss is not None and not (math.isfinite(max_loss) and max_loss > 0):
+            raise ValueError(f"max_loss is {max_loss}; need a finite bound > 0, or None for no bound")
         self.net_factory = net
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -110,6 +114,7 @@ class SCAIL2Module(L.LightningModule):
         self.attention_backend = attention_backend
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
+        self.max_loss = max_loss
         if isinstance(validation, Mapping):
             validation = ValidationConfig(**validation)
         self.validation = validation
@@ -278,7 +283,7 @@ class SCAIL2Module(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
             norm = _full(norm)
             self.log("train/grad_norm", norm.detach(), on_step=True, on_epoch=False, batch_size=1)
-        local_bad = any(not torch.isfinite(r["loss"]).item() for r in records)
+        local_bad = any(self._bad_loss(r["loss"]) for r in records)
         bad = torch.tensor(float(local_bad), device=self.device)
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
@@ -306,15 +311,22 @@ class SCAIL2Module(L.LightningModule):
                 "has diverged. Resume from an earlier checkpoint with a lower learning rate"
             )
 
+    def _bad_loss(self, loss: torch.Tensor) -> bool:
+        """Non-finite, or above ``max_loss``."""
+        value = float(loss)
+        return not math.isfinite(value) or (self.max_loss is not None and value > self.max_loss)
+
     def _describe_nonfinite(self, records: list[dict[str, Any]], norm: torch.Tensor) -> str:
         step = self.global_step
-        bad = [r for r in records if not torch.isfinite(r["loss"]).item()]
+        bad = [r for r in records if self._bad_loss(r["loss"])]
         if bad:
             losses = ", ".join(f"{float(r['loss']):g}" for r in bad)
             ids = [i for r in bad for i in r["ids"]]
             sources = sorted({s for r in bad for s in r["sources"]})
+            finite = all(math.isfinite(float(r["loss"])) for r in bad)
+            what = f"training loss above module.max_loss={self.max_loss:g}" if finite else "non-finite training loss"
             return (
-                f"non-finite training loss ({losses}) at step {step} on rank {self.global_rank}; "
+                f"{what} ({losses}) at step {step} on rank {self.global_rank}; "
                 f"batch sample ids {ids or 'unknown'}, sources {sources}"
             )
         ids = [i for r in records for i in r["ids"]]

@@ -9,6 +9,7 @@ next to the checkpoint folder (``<run_dir>/mlflow_run.json``) so that ``ckpt_pat
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+log = logging.getLogger("scail2.train")
+
 PARTIAL_SUFFIX = ".partial"
 RUN_RECORD = "mlflow_run.json"
 # The file Lightning writes last into a distributed (sharded) checkpoint folder.
@@ -24,12 +27,25 @@ SHARDED_META = "meta.pt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.NAME.partial`` in the target folder, fsync, then rename onto ``NAME``."""
+    """``torch.save`` to ``.NAME.partial`` in the target folder, fsync, then rename onto ``NAME``.
+
+    A checkpoint whose weights or optimizer state hold a non-finite value is not written (`NonFiniteCheckpoint`):
+    resuming from it could only reproduce the failure, and the previous checkpoints stay the newest ones.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        from scail2.lit.faults import nonfinite_tensors
+
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
         path = Path(path)
+        bad = nonfinite_tensors(checkpoint)
+        if bad:
+            raise NonFiniteCheckpoint(
+                f"not writing checkpoint {path.name} (step {checkpoint.get('global_step')}): {'; '.join(bad)}. The run "
+                "has diverged; the checkpoints already written are kept. Resume from one of them with a lower learning "
+                "rate (optim.optimizer.lr) or gradient clipping (trainer.gradient_clip_val)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
         with open(partial, "wb") as fh:
@@ -37,6 +53,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(partial, path)
+
+
+class NonFiniteCheckpoint(FloatingPointError):
+    """A checkpoint that would hold non-finite weights or optimizer state; it is not written."""
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
@@ -95,18 +115,36 @@ def is_complete(path: Path) -> bool:
 
 
 def find_resume_checkpoint(folders: list[Path]) -> Path | None:
-    """The newest complete checkpoint (``*.ckpt``, by modification time) in ``folders``; links are followed
-    to their target, temporary names are ignored. None when there is none."""
-    found: list[Path] = []
+    """The newest checkpoint (``*.ckpt``, by modification time) in ``folders`` that can be resumed from; links
+    are followed to their target, temporary names are ignored. None when there is none.
+
+    Candidates are opened newest first (`scail2.lit.faults.inspect_checkpoint`): a truncated or unreadable one
+    is passed over with a warning naming it and the one chosen instead.
+    """
+    from scail2.lit.faults import inspect_checkpoint
+
+    found: set[Path] = set()
     for folder in folders:
         if folder.is_dir():
             for p in folder.glob("*.ckpt"):
                 target = p.resolve() if p.is_symlink() else p
                 if target.exists() and is_complete(target):
-                    found.append(target)
-    if not found:
-        return None
-    return max(found, key=lambda p: ((p / SHARDED_META).stat().st_mtime_ns if p.is_dir() else p.stat().st_mtime_ns, str(p)))
+                    found.add(target)
+
+    def mtime(p: Path) -> tuple[int, str]:
+        return ((p / SHARDED_META).stat().st_mtime_ns if p.is_dir() else p.stat().st_mtime_ns, str(p))
+
+    skipped: list[tuple[Path, str]] = []
+    for candidate in sorted(found, key=mtime, reverse=True):
+        problem = inspect_checkpoint(candidate)
+        if problem is None:
+            for path, why in skipped:
+                log.warning("not resuming from %s: %s; using the newest complete checkpoint, %s", path, why, candidate)
+            return candidate
+        skipped.append((candidate, problem))
+    for path, why in skipped:
+        log.warning("not resuming from %s: %s", path, why)
+    return None
 
 
 def write_run_record(folder: Path, record: dict[str, Any]) -> Path:

@@ -19,6 +19,7 @@ The RoPE factors of the packed sequence depend only on the layout, so they are c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -94,8 +95,8 @@ def sample_latents(
         (B, 16, T, h, w) float32 denoised latents on the transformer's device; history frames are exactly
         ``history``.
     """
-    if guidance_scale < 1:
-        raise ValueError(f"guidance_scale is {guidance_scale}; need >= 1 (1 = no guidance, 5 by default)")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 1):
+        raise ValueError(f"guidance_scale is {guidance_scale}; need a finite number >= 1 (1 = no guidance, 5 by default)")
     use_cfg = guidance_scale != 1.0
     if use_cfg and negative_text is None:
         raise ValueError(

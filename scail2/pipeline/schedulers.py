@@ -17,6 +17,7 @@ Shift: the official SCAIL-2 pipeline defaults to 5.0 and recommends 3.0 at 480p 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ def make_scheduler(name: str = "unipc", shift: float = DEFAULT_SHIFT) -> Any:
     """A fresh flow-matching scheduler: ``"unipc"`` (default) or ``"euler"`` with time shift ``shift``."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of {SCHEDULERS}")
-    if not shift > 0:
-        raise ValueError(f"shift is {shift}; need a positive time shift (5.0 by default, 3.0 at 480p)")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift is {shift}; need a finite positive time shift (5.0 by default, 3.0 at 480p)")
     if name == "unipc":
         from diffusers import UniPCMultistepScheduler
 

@@ -100,11 +100,13 @@ def _images(request: dict) -> list[Image.Image]:
 
 
 def test_parse_score():
-    assert parse_score("Imaging Quality: 4\nReason: fine") == 4
-    assert parse_score("Score:5") == 5
-    assert parse_score("a: 3, b: 5") == 3  # the first match decides
-    assert parse_score("Score: 7") is None and parse_score("Score: 0") is None
-    assert parse_score("looks good, 4 out of 5") is None
+    assert parse_score("Imaging Quality: 4\nReason: fine", "Imaging Quality") == 4
+    assert parse_score("imaging quality:5", "Imaging Quality") == 5
+    assert parse_score("**Imaging Quality:** 3\nReason: ok", "Imaging Quality") == 3
+    assert parse_score("Imaging Quality: 7", "Imaging Quality") is None
+    assert parse_score("Imaging Quality: 0", "Imaging Quality") is None
+    assert parse_score("looks good, 4 out of 5", "Imaging Quality") is None
+    assert parse_score("Score: 4", "Imaging Quality") is None  # a score under another name
 
 
 def test_frame_sampling():
