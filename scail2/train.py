@@ -355,6 +355,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any 
 
     if datamodule is None:
         datamodule = instantiate(cfg.data, "data")
+    if is_zero:
+        # Lightning prepares the data again inside fit (a no-op once it exists); doing it here first makes data
+        # that cannot be made or read (e.g. a cache built with other settings) fail before the MLflow run exists.
+        datamodule.prepare_data()
     module = build_module(cfg)
     _check_schedule(module)
     status_before = _run_status(record) if is_zero else None
