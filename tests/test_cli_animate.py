@@ -136,3 +136,16 @@ def test_exported_pipeline_folder_can_be_moved(model, files, tmp_path, mode):
     assert main(["--model", str(moved), "--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4"),
                  "--steps", "1", "--guidance", "1", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
     assert out.exists()
+
+
+def test_vae_tiling_splits_only_frames_larger_than_a_tile(model):
+    import torch
+
+    from scail2.pipeline import SCAIL2Pipeline
+
+    pipe = SCAIL2Pipeline.from_pretrained(model)
+    z = torch.randn(1, 16, 2, 12, 12, generator=torch.Generator().manual_seed(0))  # 96x96 pixels
+    whole = pipe.vae.decode(z)
+    assert torch.equal(pipe.enable_vae_tiling(tile_size=96, stride=64).vae.decode(z), whole)  # one tile: unchanged
+    tiled = pipe.enable_vae_tiling(tile_size=64, stride=48).vae.decode(z)
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all() and not torch.equal(tiled, whole)

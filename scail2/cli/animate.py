@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the VAE always in fp32",
     )
     r.add_argument("--offload", action="store_true", help="keep idle models on the CPU (less GPU memory)")
+    r.add_argument(
+        "--vae-tiling", action="store_true",
+        help="encode/decode frames in overlapping 256-pixel tiles (less VAE memory at 720p; seams blended)",
+    )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -301,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot load the LoRA adapter {args.lora}: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(f"LoRA {args.lora}: rank {pipe.lora_loaded.rank}, scale {scale:g}{', merged' if args.merge_lora else ''}")
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
     if args.offload:
         pipe.enable_model_cpu_offload(device)
     else:
