@@ -93,7 +93,8 @@ def _argv(command: str, scratch: Path, tiny: bool) -> list[str]:
     else:
         raise AssertionError(f"{command!r}: the doc test runs scail2's commands and python only, not {head!r}")
     if head == "scail2-train" and tiny and "experiment=demo" in rest and not any(a.startswith("data=") for a in rest):
-        argv += TINY_DATA
+        at = argv.index("experiment=demo") + 1  # next to it: Hydra's own flags (--cfg job) may follow
+        argv[at:at] = TINY_DATA
     return [_placeholders(a, scratch) for a in argv]
 
 
@@ -146,7 +147,7 @@ def test_parsing_follows_the_convention(tmp_path):
     first, second = shell_blocks(doc)
     assert first.marker == "cpu" and second.marker is None and first.line == 3
     assert first.commands == ("scail2-train experiment=demo trainer.max_steps=3  # why", "HF_HUB_OFFLINE=1 python -m x")
-    assert _argv(first.commands[0], tmp_path, tiny=True) == [sys.executable, "-m", "scail2.train", "experiment=demo", "trainer.max_steps=3", *TINY_DATA]
+    assert _argv(first.commands[0], tmp_path, tiny=True) == [sys.executable, "-m", "scail2.train", "experiment=demo", *TINY_DATA, "trainer.max_steps=3"]
     assert _argv(first.commands[1], tmp_path, tiny=False) == [sys.executable, "-m", "x"]
     (tmp_path / "outputs" / "demo" / "2026-01-01_00-00-00" / "model").mkdir(parents=True)
     (tmp_path / "outputs" / "demo" / "2026-01-02_00-00-00").mkdir(parents=True)  # newer, without a model

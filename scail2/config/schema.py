@@ -360,7 +360,8 @@ def experiment_specializations(folder: Path) -> list[tuple[str, str, str, Path]]
 
 
 def _latest_export(run_name: str, *, _root_: Any) -> str:
-    """``${latest_export:NAME}``: the newest exported model of the runs named NAME under paths.output_root."""
+    """``${latest_export:NAME}``: the newest export of a finished ``experiment=NAME`` run with that experiment's
+    own settings under paths.output_root (`scail2.lit.export.latest_export`)."""
     from scail2.lit.export import latest_export
 
     return str(latest_export(Path(_root_.paths.output_root).expanduser().absolute(), run_name))

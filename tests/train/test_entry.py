@@ -64,11 +64,20 @@ def test_composition_errors_are_one_line_with_the_closest_key(tmp_path, monkeypa
 
 
 def test_job_errors_are_one_line_with_the_fix(tmp_path):
-    """Errors of the job (here unset required values and a `+key` typo) print one line, exit 2, and leave the
-    traceback in train.log."""
+    """Errors of the job (unset required values, a `+key` typo, data made with other settings) print one line,
+    exit 2 before any MLflow run exists, and leave the traceback in train.log."""
+    import json
+
+    # Tiny encoders of another kind where the data module will look for its own.
+    stale = tmp_path / "data" / "synthetic-2p-5x32x32-s0" / "encoders"
+    (stale / "vae").mkdir(parents=True)
+    (stale / "vae" / "config.json").write_text("{}")
+    (stale / "tiny_encoders.json").write_text(json.dumps({"version": 0, "seed": 0}))
+    small = ["data.pairs=2", "data.frames=5", "data.height=32", "data.width=32", f"paths.data_root={tmp_path / 'data'}"]
     for argv, message in (
         (["experiment=pretrain_wan14b"], "error: required config values are not set: ['data.cache_dir', 'module.init_from']"),
         (["experiment=demo", "+module.nonfinit=skip"], "error: config `module.nonfinit`: scail2.lit.pretrain.PretrainModule has no parameter `nonfinit`; did you mean `nonfinite`?"),
+        (["experiment=demo", *small], f"error: {stale} holds tiny encoders of another kind (version 0, seed 0;"),
     ):  # fmt: skip
         proc = _run([f"paths.output_root={tmp_path}", "print_config=false", *argv], tmp_path)
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -76,6 +85,7 @@ def test_job_errors_are_one_line_with_the_fix(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert lines[-2].startswith(message) and lines[-1].startswith("(traceback in ")
         assert "Traceback" in Path(lines[-1].removeprefix("(traceback in ").rstrip(")")).read_text()
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run was created
 
 
 @pytest.mark.multiprocess
