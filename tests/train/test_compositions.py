@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from scail2.config import ConfigError, config_dir, experiments_dir, validate_targets
 from scail2.config.combinations import check_combination
 from scail2.config.schema import SPECIALIZED_GROUPS, experiment_specializations, register_configs
+from scail2.train import _check_schedule, build_module
 
 GROUPS = ("model", "data", "objective", "optim", "strategy", "trainer", "logger", "callbacks", "debug")
 EXPERIMENTS = sorted(f.stem for f in experiments_dir().glob("*.yaml"))
@@ -136,6 +137,7 @@ def test_experiment_with_any_option_composes_or_is_refused(compose, experiment, 
     check_combination(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate_targets(cfg)  # every key is a parameter of its target
+    _check_schedule(build_module(cfg))  # the schedule fits the run (debug=profile: 20 steps, its own warm-up)
     # The experiment's settings for its own option of this group do not reach another option.
     if group in SPECIALIZED_GROUPS and option != _choice(experiment, group):
         body = _flat(OmegaConf.to_container(OmegaConf.load(experiments_dir() / f"{experiment}.yaml")))
@@ -188,3 +190,10 @@ def test_single_device_with_several_devices_is_refused(compose):
     cfg = compose(["experiment=demo", "trainer.devices=2"])
     with pytest.raises(ConfigError, match=r"strategy=single .*trainer\.devices=2.*strategy=ddp"):
         check_combination(cfg)
+
+
+def test_a_schedule_that_does_not_fit_the_run_is_refused_before_training(compose):
+    cfg = compose(["experiment=demo", "trainer.max_steps=20"])  # the demo warms up for 50 steps
+    with pytest.raises(ConfigError, match=r"config `optim.scheduler`: warmup_steps 50 must be in \[0, total_steps=20\).*optim\.scheduler\.warmup_steps=2"):
+        _check_schedule(build_module(cfg))
+    _check_schedule(build_module(compose(["experiment=demo", "debug=profile"])))
