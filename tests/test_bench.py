@@ -97,7 +97,7 @@ def test_cli_generates_scores_and_reports(synth_root, tiny_pipeline, weights, tm
         "generation.num_frames=9",
         f"metrics.lpips_weights={weights['lpips']}",
         f"metrics.i3d_weights={weights['i3d']}",
-        f"output_root={tmp_path}",
+        f"paths.output_root={tmp_path}",
         f"out_dir={out}",
     ])
     printed = capsys.readouterr()
@@ -141,6 +141,9 @@ def test_cli_generates_scores_and_reports(synth_root, tiny_pipeline, weights, tm
     assert run.info.status == "FINISHED"
     assert run.data.metrics["psnr"] == pytest.approx(metrics["psnr"]["value"])
     assert run.data.params["generation.steps"] == "2"
+    # The training runs' store by default (paths.mlflow), with the code version recorded.
+    assert results["run"]["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert run.data.tags["git_sha"] and run.data.tags["version.torch"] == torch.__version__
     assert {"results.json", "report.html", "results.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

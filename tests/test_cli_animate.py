@@ -134,3 +134,62 @@ def test_animate_from_the_official_release_folder(release, files, tmp_path, caps
     assert "no model folder given and no path for ['transformer', 'text_encoder', 'tokenizer', 'image_encoder']" in (
         capsys.readouterr().err
     )
+def _exported(tmp_path, model, mode: str, resolutions=((9, 32, 32),)):
+    """An export like scail2-train's: the network folder with training.json, made a pipeline folder with the
+    encoders of ``model`` by ``write_pipeline_index`` (``mode``: copy or relative)."""
+    from scail2.lit.export import write_pipeline_index, write_training_record
+
+    encoders = tmp_path / "tree" / "encoders"
+    shutil.copytree(model, encoders)
+    network = tmp_path / "tree" / "run" / "model"
+    shutil.copytree(model / "transformer", network)
+    write_training_record(network, {"experiment": "demo", "finished": True, "global_step": 4, "max_steps": 4,
+                                    "resolutions": [{"frames": f, "height": h, "width": w, "samples": 8} for f, h, w in resolutions]})  # fmt: skip
+    assert write_pipeline_index(network, encoders, mode)
+    return network
+
+
+def test_animate_defaults_to_the_training_resolution(model, files, tmp_path, capsys):
+    network = _exported(tmp_path, model, "copy", resolutions=((9, 32, 64), (9, 32, 32)))
+    args = ["--model", str(network), "--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4"),
+            "--steps", "1", "--guidance", "1", "--seed", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    out = tmp_path / "out.mp4"
+    assert main([*args, "--out", str(out)]) == 0
+    # The reference is 40x32 (portrait): of the trained 32x64 and 32x32, 32x32 is closest in aspect ratio.
+    assert read_video(out).shape[1:3] == (32, 32)
+    assert "--height/--width not given: 32x32, the model's training resolution (32x64, 32x32" in capsys.readouterr().out
+    assert main([*args, "--height", "128", "--width", "128", "--steps", "1", "--out", str(tmp_path / "big.mp4")]) == 0
+    assert "warning: 128x128 is far from the resolution(s) this model was trained at (32x64, 32x32)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["copy", "relative"])
+def test_exported_pipeline_folder_can_be_moved(model, files, tmp_path, mode):
+    from scail2.pipeline import SCAIL2Pipeline
+    from scail2.pipeline.layout import check_folder
+
+    network = _exported(tmp_path, model, mode)
+    if mode == "copy":  # self-contained: the folder alone moves anywhere
+        moved = shutil.move(str(network), str(tmp_path / "elsewhere" / "model"))
+        shutil.rmtree(tmp_path / "tree")
+    else:  # relative paths: it moves together with the encoders' folder
+        shutil.move(str(tmp_path / "tree"), str(tmp_path / "moved-tree"))
+        moved = tmp_path / "moved-tree" / "run" / "model"
+    check_folder(moved)
+    assert SCAIL2Pipeline.from_pretrained(moved).transformer.num_params() > 0
+    out = tmp_path / "moved.mp4"
+    assert main(["--model", str(moved), "--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4"),
+                 "--steps", "1", "--guidance", "1", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    assert out.exists()
+
+
+def test_vae_tiling_splits_only_frames_larger_than_a_tile(model):
+    import torch
+
+    from scail2.pipeline import SCAIL2Pipeline
+
+    pipe = SCAIL2Pipeline.from_pretrained(model)
+    z = torch.randn(1, 16, 2, 12, 12, generator=torch.Generator().manual_seed(0))  # 96x96 pixels
+    whole = pipe.vae.decode(z)
+    assert torch.equal(pipe.enable_vae_tiling(tile_size=96, stride=64).vae.decode(z), whole)  # one tile: unchanged
+    tiled = pipe.enable_vae_tiling(tile_size=64, stride=48).vae.decode(z)
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all() and not torch.equal(tiled, whole)

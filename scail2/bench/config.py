@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from scail2.bench.cases import TASKS
 from scail2.bench.loaders import LAYOUTS, XDANCE_DRIVING, XDANCE_PAIRINGS
+from scail2.config.schema import PathsConfig
 from scail2.eval.judge import DIMENSIONS, JudgeConfig
 
 METRIC_USES: tuple[str, ...] = ("auto", "required", "skip")
@@ -169,9 +170,17 @@ class GSBConfig:
 
 
 @dataclass
+class PathsSettings:
+    """Where outputs go; the same keys and defaults as ``scail2-train``'s ``paths`` (`PathsConfig`), so both
+    tools share one MLflow store unless told otherwise."""
+
+    output_root: str = PathsConfig.output_root  # run folders: <output_root>/bench/<benchmark>-<timestamp>
+    mlflow: str = PathsConfig.mlflow  # the MLflow store (relative sqlite paths: from the working directory)
+
+
+@dataclass
 class MLflowConfig:
-    enabled: bool = True
-    tracking_uri: str | None = None  # null: sqlite:///<output_root>/mlflow.db
+    enabled: bool = True  # the store is paths.mlflow
     experiment: str | None = None  # null: scail2-bench/<benchmark name>
     run_name: str | None = None  # null: the run folder's name
     log_videos: bool = False  # also upload the generated videos as artifacts
@@ -189,8 +198,8 @@ class BenchConfig:
     gsb: GSBConfig = field(default_factory=GSBConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     generated_dir: str | None = None  # score these videos (<dir>/<case id>.mp4) instead of generating
-    output_root: str = "outputs/bench"  # run folders and the MLflow store
-    out_dir: str | None = None  # this run's folder (null: <output_root>/<benchmark>-<timestamp>)
+    paths: PathsSettings = field(default_factory=PathsSettings)
+    out_dir: str | None = None  # this run's folder (null: <paths.output_root>/bench/<benchmark>-<timestamp>)
     progress: bool = True  # per-case progress lines on stderr (CLI)
 
 

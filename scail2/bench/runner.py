@@ -181,7 +181,7 @@ def resolve_out_dir(settings: BenchConfig) -> Path:
     if settings.out_dir is not None:
         return Path(settings.out_dir).expanduser()
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return Path(settings.output_root).expanduser() / f"{settings.benchmark.name}-{stamp}"
+    return Path(settings.paths.output_root).expanduser() / "bench" / f"{settings.benchmark.name}-{stamp}"
 
 
 def _config_yaml(settings: BenchConfig) -> str:
@@ -381,11 +381,11 @@ class _Tracker:
     def __init__(self, settings: BenchConfig, out: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        root = Path(settings.output_root).expanduser().resolve()
+        from scail2.lit.tracking import absolute_tracking_uri, git_state, package_versions
+
+        root = Path(settings.paths.output_root).expanduser().resolve()
         cfg = settings.mlflow
-        if cfg.tracking_uri is None:
-            root.mkdir(parents=True, exist_ok=True)
-        self.uri = cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.uri = absolute_tracking_uri(settings.paths.mlflow)  # the training runs' store by default
         self.client = MlflowClient(tracking_uri=self.uri)
         name = cfg.experiment or f"scail2-bench/{settings.benchmark.name}"
         experiment = self.client.get_experiment_by_name(name)
@@ -394,7 +394,12 @@ class _Tracker:
             experiment_id = self.client.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri())
         else:
             experiment_id = experiment.experiment_id
+        import scail2
+
         tags = {"benchmark": settings.benchmark.name, "task": settings.benchmark.task, "out_dir": str(out.resolve())}
+        # The code that produced the numbers, as training runs record it.
+        tags.update({**git_state(Path(__file__).parent), "scail2_version": scail2.__version__})
+        tags.update({f"version.{k}": v for k, v in package_versions().items()})
         run = self.client.create_run(experiment_id, run_name=cfg.run_name or out.name, tags=tags)
         self.run_id = run.info.run_id
         self.settings = settings

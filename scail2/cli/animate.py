@@ -25,6 +25,10 @@ Every bad input (unreadable file, size not divisible by 32, a non-finite number,
 mask colours, a model folder missing a component, an output the video writer cannot write) is reported before
 the model is loaded, with exit code 2 and a message naming the value and the fix. If writing the video still fails
 after sampling, the frames and latents are kept in a safetensors file next to ``--out`` (exit code 3).
+
+Without --height/--width, a model exported by scail2-train runs at the resolution it was trained at (its
+``training.json``; of several, the one closest to the reference image's aspect ratio); a requested size far
+from every trained resolution gets a warning.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 SIZE_MULTIPLE = 32  # VAE stride 8 x half-resolution driving x patch 2
 MAX_SIDE = 8192  # output height / width; inputs are resized to cover the output, so sizes beyond cost all memory
 MAX_ASPECT = 8.0  # longer / shorter output side (the training buckets are about 1.75)
+# A requested size is "far" from a trained resolution when its pixel count differs by more than this factor
+# or its aspect ratio by more than FAR_ASPECT; then a warning says so.
+FAR_AREA = 2.0
+FAR_ASPECT = 1.5
 
 
 class InputError(Exception):
@@ -111,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the adapter even if it was trained on other base weights than --model's",
     )
     v = p.add_argument_group("video")
-    v.add_argument("--height", type=int, default=None, help="output height, a multiple of 32")
+    v.add_argument(
+        "--height", type=int, default=None,
+        help="output height, a multiple of 32 (default: the model's training resolution, else ~512x896)",
+    )
     v.add_argument("--width", type=int, default=None, help="output width, a multiple of 32")
     v.add_argument("--frames", type=int, default=None, help="use only the first N driving frames")
     v.add_argument("--segment-frames", type=int, default=None, help="frames per segment of long videos (81)")
@@ -132,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--attention-backend", choices=("sdpa", "flash3", "flash2", "math"), default=None,
         help="attention kernel (default sdpa: torch picks flash / memory-efficient kernels itself)",
+    )
+    r.add_argument(
+        "--vae-tiling", action="store_true",
+        help="encode/decode frames in overlapping 256-pixel tiles (less VAE memory at 720p; seams blended)",
     )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -290,6 +305,48 @@ def _keep(out, target: Path) -> Path:
     raise RuntimeError(f"the frames could not be kept either (neither {target.parent} nor the temporary folder is writable)")
 
 
+def _trained_sizes(model: Path) -> list[tuple[int, int]]:
+    """(height, width) of the resolutions the model's transformer was trained at, most used first (from the
+    ``training.json`` scail2-train writes into its export); empty when unknown."""
+    from scail2.lit.export import read_training_record
+    from scail2.pipeline.layout import resolve_paths
+
+    record = read_training_record(resolve_paths(model, {})["transformer"])
+    sizes: list[tuple[int, int]] = []
+    for r in (record or {}).get("resolutions", []):
+        if (r["height"], r["width"]) not in sizes:
+            sizes.append((int(r["height"]), int(r["width"])))
+    return sizes
+
+
+def _far(size: tuple[int, int], trained: tuple[int, int]) -> bool:
+    area = (size[0] * size[1]) / (trained[0] * trained[1])
+    aspect = (size[0] / size[1]) / (trained[0] / trained[1])
+    return max(area, 1 / area) > FAR_AREA or max(aspect, 1 / aspect) > FAR_ASPECT
+
+
+def _choose_size(args: argparse.Namespace, trained: list[tuple[int, int]]) -> str | None:
+    """Fill --height/--width from the trained resolutions when not given; the message to print, or None."""
+    if not trained:
+        return None
+    if args.height is None:
+        from PIL import Image
+
+        with Image.open(args.ref) as im:
+            aspect = im.height / im.width
+        # The trained size closest in aspect ratio to the reference (ties: the most used, listed first).
+        args.height, args.width = min(trained, key=lambda hw: abs(math.log((hw[0] / hw[1]) / aspect)))
+        listed = ", ".join(f"{h}x{w}" for h, w in trained)
+        return f"--height/--width not given: {args.height}x{args.width}, the model's training resolution ({listed}; training.json)"
+    if all(_far((args.height, args.width), hw) for hw in trained):
+        listed = ", ".join(f"{h}x{w}" for h, w in trained)
+        return (
+            f"warning: {args.height}x{args.width} is far from the resolution(s) this model was trained at ({listed}); "
+            "expect poor results, or leave out --height/--width to use its own"
+        )
+    return None
+
+
 def _strings(paths: list[Path] | None) -> list[str] | None:
     return None if paths is None else [str(p) for p in paths]
 
@@ -318,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             check_folder(args.model, _component_paths(args))
         except (FileNotFoundError, ValueError) as exc:
             raise InputError(str(exc)) from None
+        try:
+            size_note = _choose_size(args, _trained_sizes(args.model) if args.model is not None else [])
+        except Exception as exc:  # noqa: BLE001 - unreadable, too large (PIL's pixel limit) or a bad training.json
+            raise InputError(f"cannot read --ref {args.ref} or the model's training.json: {exc}") from None
+        if size_note:
+            print(size_note, file=sys.stderr if size_note.startswith("warning") else sys.stdout)
         optional = {
             "height": args.height,
             "width": args.width,
@@ -411,6 +474,8 @@ def _animate(args: argparse.Namespace, prepared, device: str) -> int:
             return EXIT_BAD_INPUT
     if args.sequence_parallel > 1:
         pipe.enable_sequence_parallel()
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
     if args.offload:
         pipe.enable_model_cpu_offload(device)
     else:

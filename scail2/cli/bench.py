@@ -52,7 +52,7 @@ def _gsb_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the key's folder)")
     p.add_argument(
         "--tracking-uri", default=None,
-        help="also log the rates to this MLflow store (e.g. sqlite:///outputs/bench/mlflow.db)",
+        help="also log the rates to this MLflow store (e.g. sqlite:///outputs/mlflow.db, the training runs' store)",
     )  # fmt: skip
     p.add_argument("--experiment", default="scail2-bench/gsb", help="MLflow experiment name (with --tracking-uri)")
     return p

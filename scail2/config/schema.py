@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import enum
 import inspect
 import types
@@ -60,6 +61,9 @@ class PathsConfig:
 
     output_root: str = "outputs"  # every run folder and the MLflow store (mlflow.db)
     data_root: str = "data"  # generated data: the synthetic dataset, its latent cache, tiny encoders
+    # The MLflow store of training runs (logger.tracking_uri) and, by default, of scail2-bench: one store for
+    # every run. A relative sqlite path is taken from the working directory; or a server, http://host:5000.
+    mlflow: str = "sqlite:///${paths.output_root}/mlflow.db"
     run_dir: str = "${hydra:runtime.output_dir}"  # this run's folder (set by hydra.run.dir)
 
 
@@ -110,6 +114,9 @@ class ExportConfig:
     # A folder with the encoders (vae/, text_encoder/, tokenizer/, image_encoder/, image_processor/): the export
     # then also is a pipeline folder for SCAIL2Pipeline / scail2-animate (see scail2.lit.export.ExportModel).
     encoders: Optional[str] = None
+    # How the pipeline folder refers to the encoders: "copy" (inside it, hard links where the file system allows:
+    # the folder moves anywhere) or "relative" (relative paths: it moves together with the encoders).
+    encoders_mode: str = "copy"
 
 
 @dataclass
@@ -325,10 +332,47 @@ def register_configs(experiments: Path | None = None) -> None:
         node = OmegaConf.load(path)
         check_hydra_node(node, f"experiment file {path}")  # Hydra settings there could name code
         cs.store(group="experiment", name=path.stem, node=node, package="_global_")
+    for name, group, option, path in experiment_specializations(folder):
+        node = OmegaConf.load(path)
+        check_hydra_node(node, f"experiment file {path}")
+        cs.store(group=f"experiment_{group}/{name}", name=option, node=node, package="_global_")
+
+
+
+# The groups an experiment can hold settings for one option of (``experiments/<name>/<group>/<option>.yaml``).
+SPECIALIZED_GROUPS: tuple[str, ...] = ("model", "data", "objective", "strategy", "trainer", "logger", "callbacks")
+
+
+def experiment_specializations(folder: Path) -> list[tuple[str, str, str, Path]]:
+    """(experiment, group, option, file) of every ``<folder>/<experiment>/<group>/<option>.yaml``.
+
+    Such a file holds an experiment's settings that only make sense with one option of a group (e.g. the
+    synthetic dataset's size, or FSDP2's mixed precision). ``conf/train.yaml`` applies it, after the experiment,
+    only while that option is chosen, so choosing another option on the command line drops those settings
+    instead of merging them into an option that lacks the keys. A file naming an experiment, group or option
+    that does not exist is refused (it would otherwise never apply).
+    """
+    out = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not (folder / f"{sub.name}.yaml").is_file():
+            raise FileNotFoundError(f"{sub} holds settings of an experiment {sub.name!r}, but there is no {folder / sub.name}.yaml")
+        for group_dir in sorted(p for p in sub.iterdir() if p.is_dir()):
+            group = group_dir.name
+            if group not in SPECIALIZED_GROUPS:
+                raise ValueError(f"{group_dir}: {group!r} is not a config group; use one of {list(SPECIALIZED_GROUPS)}")
+            options = sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
+            for path in sorted(group_dir.glob("*.yaml")):
+                if path.stem not in options:
+                    close = difflib.get_close_matches(path.stem, options, n=1)
+                    hint = f" (did you mean {close[0]}.yaml?)" if close else ""
+                    raise ValueError(f"{path}: the {group} group has no option {path.stem!r}{hint}; its options are {options}")
+                out.append((sub.name, group, path.stem, path))
+    return out
 
 
 def _latest_export(run_name: str, *, _root_: Any) -> str:
-    """``${latest_export:NAME}``: the newest exported model of the runs named NAME under paths.output_root."""
+    """``${latest_export:NAME}``: the newest export of a finished ``experiment=NAME`` run with that experiment's
+    own settings under paths.output_root (`scail2.lit.export.latest_export`)."""
     from scail2.lit.export import latest_export
 
     return str(latest_export(Path(_root_.paths.output_root).expanduser().absolute(), run_name))

@@ -31,7 +31,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A checkpoint whose weights or optimizer state hold a non-finite value is not written (`NonFiniteCheckpoint`):
     resuming from it could only reproduce the failure, and the previous checkpoints stay the newest ones.
+
+    Loading also reads a sharded FSDP2 checkpoint folder, consolidated in memory (`consolidate_sharded`), so a
+    single-device or DDP run resumes a checkpoint written under FSDP2.
     """
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if is_sharded(Path(path)):
+            return consolidate_sharded(Path(path))
+        return super().load_checkpoint(path, *args, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         from scail2.lit.faults import nonfinite_tensors
@@ -163,6 +171,54 @@ def read_run_record(checkpoint: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def is_sharded(path: Path) -> bool:
+    """A distributed (FSDP2) checkpoint folder: one ``.distcp`` file per rank, ``.metadata`` and ``meta.pt``."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def consolidate_sharded(path: Path) -> dict[str, Any]:
+    """A sharded FSDP2 checkpoint folder as the single checkpoint dict a single-device or DDP run loads.
+
+    The shards are read whole in this process (no process group: every tensor at full size, on the CPU), the
+    optimizer state is re-keyed from parameter names (FSDP2) to positions (``torch.optim``: parameters numbered
+    in param-group order, as ``Optimizer.state_dict`` numbers them), and the rest of the checkpoint comes from
+    ``meta.pt``. Memory: the full weights and optimizer state, so this is for models that fit one device.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    tensors: dict[str, Any] = {}
+    _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    checkpoint = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    if "state_dict" not in tensors:
+        raise ValueError(f"{path} is a distributed checkpoint without a state_dict (keys {sorted(tensors)}); it was not written by scail2-train")
+    checkpoint["state_dict"] = tensors["state_dict"]
+    optimizers = sorted((k for k in tensors if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint["optimizer_states"] = [_positional_optimizer_state(tensors[k]) for k in optimizers]
+    return checkpoint
+
+
+def _positional_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names -> keyed by position (``torch.optim.Optimizer`` layout)."""
+    ids: dict[Any, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        params = []
+        for name in group["params"]:
+            ids.setdefault(name, len(ids))
+            params.append(ids[name])
+        groups.append({**group, "params": params})
+    return {"state": {ids[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a complete checkpoint was written at (read without loading its tensors)."""
+    if is_sharded(path):
+        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    else:
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(meta["global_step"])
 # ---------------------------------------------------------------------------------------------- reproducibility
 # What a resumed run needs to be equal, bit for bit, to an uninterrupted one, beyond the state a checkpoint holds
 # (weights, optimizer, schedule, data position, noise generators) and the config: the numerical environment.

@@ -138,8 +138,8 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
                                     with ground-truth poses as P, `NoisyPoses` as P' and the synthetic renderer
                                     as G: Eq. 4-7) and their preference cache (``cache/``)
 
-    and training reads ``<root>/train/cache``; ``heldout_cache_dir`` is the held-out cache (for
-    ``module.heldout.cache_dir``). Everything is a function of the seeds; an interrupted preparation resumes.
+    and training reads ``<root>/train/cache``; ``heldout_cache_dir`` is the held-out cache, which `DPOModule`
+    measures when ``module.heldout.cache_dir`` is unset. Everything is a function of the seeds; an interrupted preparation resumes.
 
     Args:
         root: folder of the generated data.

@@ -14,6 +14,7 @@ Export writes the adapters (peft layout and a ComfyUI file) and the merged netwo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ _MIXED = ("bf16-mixed", "16-mixed")
 
 @dataclass(frozen=True)
 class HeldOutConfig:
-    """Held-out preference pairs for validation: a cache folder or a manifest (+ encoders); neither: none."""
+    """Held-out preference pairs for validation: a cache folder or a manifest (+ encoders); neither: the data
+    module's own held-out set when it has one (``heldout_cache_dir``, e.g. ``data=synthetic_preference``), else
+    no held-out evaluation."""
 
     cache_dir: str | None = None
     manifest: str | None = None
@@ -79,9 +82,7 @@ class DPOModule(SCAIL2Module):
         self.lora = lora if isinstance(lora, LoRASpec) else LoRASpec(**lora)
         if isinstance(heldout, Mapping):
             heldout = HeldOutConfig(**heldout)
-        if heldout is not None and heldout.cache_dir is None and heldout.manifest is None:
-            heldout = None  # no held-out pairs configured
-        if heldout is not None and heldout.cache_dir is None and heldout.encoders_root is None:
+        if heldout is not None and heldout.manifest is not None and heldout.cache_dir is None and heldout.encoders_root is None:
             raise ValueError("heldout.manifest needs heldout.encoders_root (or give heldout.cache_dir, a preference cache)")
         self.heldout = heldout
         if frozen_dtype is not None and frozen_dtype not in _FROZEN_DTYPES:
@@ -122,7 +123,22 @@ class DPOModule(SCAIL2Module):
             self.objective = DPOConfig(**self.objective)
         if not isinstance(self.objective, DPOConfig):
             raise TypeError(f"DPOModule needs a DPOConfig objective, got {type(self.objective).__name__}")
+        self._heldout_source()
         super().setup(stage)
+
+    def _heldout_source(self) -> None:
+        """Without a held-out cache or manifest, take the data module's held-out set if it has one (logged)."""
+        h = self.heldout
+        if h is None or h.cache_dir is not None or h.manifest is not None:
+            return
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        found = getattr(dm, "heldout_cache_dir", None)
+        if found is None:
+            log.info("no held-out preference pairs (module.heldout.cache_dir / manifest unset): no held-out metrics")
+            self.heldout = None
+            return
+        log.info("held-out pairs: the data module's held-out set %s", found)
+        self.heldout = dataclasses.replace(h, cache_dir=str(found))
 
     def forward_passes_per_step(self) -> int:
         return 4  # policy and reference, each on winner and loser

@@ -30,7 +30,10 @@ def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
     if total_steps < 1:
         raise ValueError(f"total_steps is {total_steps}; set it to the number of optimizer steps (trainer.max_steps)")
     if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps {warmup_steps} must be in [0, total_steps={total_steps})")
+        raise ValueError(
+            f"warmup_steps {warmup_steps} must be in [0, total_steps={total_steps}); for a run of {total_steps} "
+            f"steps set optim.scheduler.warmup_steps below it (e.g. optim.scheduler.warmup_steps={max(0, total_steps // 10)})"
+        )
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio {min_lr_ratio} must be in [0, 1] (a fraction of the peak lr)")
     return LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps, min_lr_ratio))

@@ -354,6 +354,14 @@ class SCAIL2Pipeline:
         self._offload_device = torch.device(device)
         return self
 
+    def enable_vae_tiling(self, tile_size: int | None = None, stride: int | None = None) -> "SCAIL2Pipeline":
+        """Encode and decode frames in overlapping spatial tiles (diffusers' ``AutoencoderKLWan.enable_tiling``):
+        the VAE's activation memory then follows the tile, not the frame. ``tile_size`` / ``stride`` in pixels
+        (None: diffusers' 256 / 192); frames no larger than a tile are processed whole. Seams are blended, so the
+        output differs slightly from untiled decoding."""
+        self.vae.model.enable_tiling(tile_size, tile_size, stride, stride)
+        return self
+
     @contextmanager
     def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         if self._offload_device is None:

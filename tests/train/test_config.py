@@ -50,8 +50,7 @@ def _compose(tmp_path: Path, *overrides: str, mlflow_uri: str | None = None):
     # dpo_demo starts from the newest `experiment=demo` export (${latest_export:demo}): give it one.
     demo_export = tmp_path / "demo" / "2026-01-01_00-00-00" / "model"
     if not (demo_export / "config.json").exists():
-        demo_export.mkdir(parents=True)
-        (demo_export / "config.json").write_text("{}")
+        _fake_export(demo_export)
     cfg = compose_config([f"paths.output_root={tmp_path}", f"paths.data_root={tmp_path}/data", *overrides])
     cfg.paths.run_dir = str(tmp_path / "run")
     if cfg.logger is not None and mlflow_uri is not None:
@@ -68,10 +67,24 @@ def _compose(tmp_path: Path, *overrides: str, mlflow_uri: str | None = None):
     return cfg
 
 
+def _fake_export(folder: Path, **record) -> Path:
+    """An export folder with the training.json of a finished `experiment=demo` run (or ``record``'s values)."""
+    from scail2.lit.export import write_training_record
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    defaults = {"experiment": "demo", "overrides": ["experiment=demo"], "global_step": 1500, "max_steps": 1500,
+                "fast_dev_run": False, "finished": True, "run_id": "run1", "resolutions": []}  # fmt: skip
+    write_training_record(folder, {**defaults, **record})
+    return folder
+
+
 def test_train_yaml_lists_every_group():
+    from scail2.config.schema import SPECIALIZED_GROUPS
+
     defaults = OmegaConf.load(config_dir() / "train.yaml").defaults
-    listed = {next(iter(d)) for d in defaults if not isinstance(d, str)}
-    assert listed == {*TRAIN_GROUPS, "experiment"}
+    listed = {next(iter(d)).removeprefix("optional ") for d in defaults if not isinstance(d, str)}
+    assert listed == {*TRAIN_GROUPS, "experiment", *(f"experiment_{g}" for g in SPECIALIZED_GROUPS)}
 
 
 @pytest.mark.parametrize("group,option", _options(), ids=lambda x: str(x))
@@ -194,21 +207,62 @@ def test_dpo_recipe():
     demo = compose_config(["experiment=dpo_demo"])
     module = OmegaConf.to_container(demo.module, resolve=False)
     assert module["init_from"] == "${latest_export:demo}"  # resolved when the run starts
-    assert module["heldout"]["cache_dir"] == "${data.root}/heldout/cache"
+    assert module["heldout"]["cache_dir"] is None  # the data module's held-out set (data=synthetic_preference)
 
 
-def test_latest_export_resolves_the_newest_demo_export(tmp_path):
+def test_latest_export_takes_the_newest_finished_demo_run_with_its_own_settings(tmp_path, capsys):
     import os
 
+    from scail2.train import _report_init_from
+
     cfg = compose_config([f"paths.output_root={tmp_path}", "experiment=dpo_demo"])
-    with pytest.raises(Exception, match=r"no exported model of the run 'demo'.*scail2-train experiment=demo.*module\.init_from"):
+    with pytest.raises(Exception, match=r"no exported model of a finished `experiment=demo` run.*scail2-train experiment=demo.*module\.init_from"):
         _ = cfg.module.init_from
-    for i, run in enumerate(["2026-01-02_00-00-00", "2026-01-01_00-00-00"]):
-        (tmp_path / "demo" / run / "model").mkdir(parents=True)
-        (tmp_path / "demo" / run / "model" / "config.json").write_text("{}")
-        os.utime(tmp_path / "demo" / run / "model" / "config.json", (1e9 + i, 1e9 + i))
-    # The newest by the time it was written (run folder names from SLURM / torchrun ids do not sort by time).
-    assert cfg.module.init_from == str(tmp_path / "demo" / "2026-01-01_00-00-00" / "model")
+    runs = tmp_path / "demo"
+    good = [_fake_export(runs / name / "model", run_id=name) for name in ("2026-01-02_00-00-00", "2026-01-01_00-00-00")]
+    for i, folder in enumerate(good):
+        os.utime(folder / "training.json", (1e9 + i, 1e9 + i))
+    # Newer, but not the demo's own settings / not finished / not a scail2-train export: never taken.
+    bad = [
+        _fake_export(runs / "profile" / "model", overrides=["experiment=demo", "debug=profile"], global_step=20, max_steps=20),
+        _fake_export(runs / "short" / "model", overrides=["experiment=demo", "trainer.max_steps=50"], global_step=50, max_steps=50),
+        _fake_export(runs / "stopped" / "model", global_step=700),
+        _fake_export(runs / "failed" / "model", finished=False),
+        _fake_export(runs / "resumed" / "model", overrides=["experiment=demo", "ckpt_path=last", "paths.output_root=/x"], run_id="resumed"),
+    ]
+    (runs / "legacy" / "model").mkdir(parents=True)
+    (runs / "legacy" / "model" / "config.json").write_text("{}")
+    for i, folder in enumerate(bad[:-1]):
+        os.utime(folder / "training.json", (2e9 + i, 2e9 + i))
+    os.utime(bad[-1] / "training.json", (1e9 + 5, 1e9 + 5))
+    # The newest by the time it was written (run folder names from SLURM / torchrun ids do not sort by time);
+    # neutral overrides (paths, resume) keep the demo's own settings.
+    assert cfg.module.init_from == str(bad[-1])
+    _report_init_from(cfg)
+    assert f"-> {bad[-1]} (1500 steps, MLflow run resumed, experiment=demo, finished)" in capsys.readouterr().out
+    os.utime(bad[-1] / "training.json", (1e9 - 5, 1e9 - 5))
+    cfg = compose_config([f"paths.output_root={tmp_path}", "experiment=dpo_demo"])
+    assert cfg.module.init_from == str(good[1])
+    for folder in bad + good:
+        (folder / "training.json").unlink()
+    cfg = compose_config([f"paths.output_root={tmp_path}", "experiment=dpo_demo"])
+    with pytest.raises(Exception) as info:
+        _ = cfg.module.init_from
+    text = str(info.value)
+    assert "none of the 8 export(s) there qualifies" in text and "legacy/model: no training.json" in text
+
+
+def test_export_problems_name_the_reason():
+    from scail2.lit.export import export_problem
+
+    ok = {"experiment": "demo", "overrides": ["experiment=demo"], "global_step": 10, "max_steps": 10, "finished": True}
+    assert export_problem(ok, "demo") is None
+    assert export_problem({**ok, "overrides": ["debug=profile"]}, "demo") == "run with other settings: debug=profile"
+    assert export_problem({**ok, "global_step": 4}, "demo") == "stopped at step 4 of 10"
+    assert export_problem({**ok, "finished": False}, "demo").startswith("the run did not finish")
+    assert export_problem({**ok, "fast_dev_run": True}, "demo") == "a fast_dev_run"
+    assert export_problem({**ok, "experiment": "dpo_demo"}, "demo") == "a run of experiment=dpo_demo, not demo"
+    assert export_problem({**ok, "overrides": None}, "demo").startswith("its overrides are unknown")
 
 
 def test_dpo_config_is_checked():

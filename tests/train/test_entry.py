@@ -19,14 +19,73 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_sweep_prints_config_and_summary_per_job(data_root, tmp_path):
-    args = [a for a in train_overrides(data_root, tmp_path, "debug=fast_dev_run") if a != "print_config=false"]
+    """A two-job sweep: the resolved config and summary of each job; one MLflow run per job, named apart and
+    tagged with the sweep and the job's overrides."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    quick = ("trainer.max_steps=1", "optim.scheduler.warmup_steps=0", "export.enabled=false", "callbacks.checkpoint=null",
+             "trainer.enable_checkpointing=false", f"paths.mlflow={store}")  # fmt: skip
+    args = [a for a in train_overrides(data_root, tmp_path, *quick) if a != "print_config=false"]
     proc = _run(["-m", *args, "optim.optimizer.lr=1e-3,2e-3"], tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("Training finished: 1 steps") == 2
     assert "lr: 0.001" in proc.stdout and "lr: 0.002" in proc.stdout  # the resolved config of each job
-    jobs = sorted(p.name for p in next((tmp_path / "demo").glob("multirun_*")).iterdir() if p.is_dir())
-    assert jobs == ["0", "1"]
+    sweep = next((tmp_path / "demo").glob("multirun_*"))
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    by_name = {r.info.run_name: r.data.tags for r in runs}
+    assert sorted(by_name) == ["demo-0", "demo-1"]
+    assert {t["sweep"] for t in by_name.values()} == {sweep.name}
+    assert "optim.optimizer.lr=0.001" in by_name["demo-0"]["sweep.overrides"]
+    assert "optim.optimizer.lr=0.002" in by_name["demo-1"]["sweep.overrides"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["module.nonfinit=skip"], "error: `module.nonfinit` is not a config key; did you mean `module.nonfinite`?"),
+        (["experiment=dem"], "error: experiment=dem: no such option; did you mean experiment=demo?"),
+        (["trainer.max_step=3"], "error: `trainer.max_step` is not a config key; did you mean `trainer.max_steps`?"),
+    ],
+)
+def test_composition_errors_are_one_line_with_the_closest_key(tmp_path, monkeypatch, capsys, argv, message):
+    from scail2.train import main
+
+    monkeypatch.setattr(sys, "argv", ["scail2-train"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"paths.output_root={tmp_path}", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err and "Traceback" not in err
+    assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_job_errors_are_one_line_with_the_fix(tmp_path):
+    """Errors of the job (unset required values, a `+key` typo, data made with other settings) print one line,
+    exit 2 before any MLflow run exists, and leave the traceback in train.log."""
+    import json
+
+    # Tiny encoders of another kind where the data module will look for its own.
+    stale = tmp_path / "data" / "synthetic-2p-5x32x32-s0" / "encoders"
+    (stale / "vae").mkdir(parents=True)
+    (stale / "vae" / "config.json").write_text("{}")
+    (stale / "tiny_encoders.json").write_text(json.dumps({"version": 0, "seed": 0}))
+    small = ["data.pairs=2", "data.frames=5", "data.height=32", "data.width=32", f"paths.data_root={tmp_path / 'data'}"]
+    for argv, message in (
+        (["experiment=pretrain_wan14b"], "error: required config values are not set: ['data.cache_dir', 'module.init_from']"),
+        (["experiment=demo", "+module.nonfinit=skip"], "error: config `module.nonfinit`: scail2.lit.pretrain.PretrainModule has no parameter `nonfinit`; did you mean `nonfinite`?"),
+        (["experiment=demo", *small], f"error: {stale} holds tiny encoders of another kind (version 0, seed 0;"),
+    ):  # fmt: skip
+        proc = _run([f"paths.output_root={tmp_path}", "print_config=false", *argv], tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-2].startswith(message) and lines[-1].startswith("(traceback in ")
+        assert "Traceback" in Path(lines[-1].removeprefix("(traceback in ").rstrip(")")).read_text()
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run was created
 
 
 @pytest.mark.multiprocess

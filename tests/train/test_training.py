@@ -132,6 +132,23 @@ def test_mlflow_run_checkpoints_and_media(data_root, tmp_path, mlflow_uri):
     assert "config/config.yaml" in files
     for step in ("0000000", "0000004"):
         assert {f"validation/step_{step}/grid.png", f"validation/step_{step}/sample_0.mp4"} <= files
+    # The run is the record of its outputs: checkpoints (the small last one uploaded), the export's files with
+    # their hashes, how it was trained, the validation figures.
+    assert {"outputs/checkpoints.json", "outputs/export.json", "outputs/training.json", "checkpoints/step=0000004.ckpt",
+            "validation/history.json"} <= files  # fmt: skip
+    local = Path(client.download_artifacts(result.run_id, "outputs", str(tmp_path / "downloaded")))
+    listed = json.loads((local / "checkpoints.json").read_text())
+    assert [(Path(c["path"]).name, c["step"]) for c in listed] == [("step=0000002.ckpt", 2), ("step=0000004.ckpt", 4)]
+    export = json.loads((local / "export.json").read_text())
+    from scail2.lit.tracking import sha256_file
+
+    weights = next(f for f in export["files"] if f["path"] == "diffusion_pytorch_model.safetensors")
+    assert weights["sha256"] == sha256_file(result.export_dir / "diffusion_pytorch_model.safetensors")
+    assert {"vae/config.json", "model_index.json", "training.json"} <= {f["path"] for f in export["files"]}
+    assert tags["checkpoint.dir"] == str(result.checkpoint_dir) and len(tags["export.sha256"]) == 64
+    record = json.loads((result.export_dir / "training.json").read_text())
+    assert record["finished"] and record["global_step"] == record["max_steps"] == 4 and record["run_id"] == result.run_id
+    assert record["resolutions"] == [{"frames": 9, "height": 32, "width": 32, "samples": 8}]  # 4 steps x 2
 
     # Checkpoints: plain containers only, the run record next to them, every rank's generator state.
     assert json.loads((result.run_dir / RUN_RECORD).read_text())["run_id"] == result.run_id
@@ -375,6 +392,12 @@ def test_dpo_run_logs_exports_and_resumes(tmp_path, mlflow_uri):
                 "train/err_policy_w", "train/err_ref_l", "heldout/implicit_accuracy", "trainpairs/dpo_loss", "perf/tflops_per_device"):
         assert key in metrics, key  # fmt: skip
     assert [m.step for m in client.get_metric_history(result.run_id, "heldout/dpo_loss")] == [0, 2, 4]
+    # The held-out figures and the adapters' hash are on the run, as pretraining's validation figures are.
+    from scail2.lit.tracking import sha256_file
+
+    assert client.get_run(result.run_id).data.tags["lora.sha256"] == sha256_file(result.lora_dir / "adapter_model.safetensors")
+    history = json.loads(Path(client.download_artifacts(result.run_id, "heldout/history.json", str(tmp_path / "dl"))).read_text())
+    assert [h["step"] for h in history] == [0, 2, 4] and history[-1] == pytest.approx(result.heldout[-1])
 
     state, spec, meta = read_lora(result.lora_dir)
     assert spec.rank == 4 and len(state) == 2 * 10 * 2  # A and B of 10 modules in each of the tiny model's 2 blocks
@@ -389,3 +412,51 @@ def test_dpo_run_logs_exports_and_resumes(tmp_path, mlflow_uri):
     again.paths.run_dir = str(tmp_path / "out" / "dpo_demo" / "resumed")
     resumed = train(again)
     assert resumed.heldout[-1] == pytest.approx(result.heldout[-1], rel=1e-5)
+
+
+def _finished_run(data_root: Path, out: Path, mlflow_uri: str, steps: int = 2):
+    common = (f"logger.tracking_uri={mlflow_uri}", "callbacks.checkpoint.every_n_train_steps=2", "optim.scheduler.warmup_steps=0")
+    return common, train(compose_run(data_root, out, *common, f"trainer.max_steps={steps}"))
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_says_so(data_root, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from scail2.train import summary
+
+    common, first = _finished_run(data_root, tmp_path, mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    before = client.get_run(first.run_id)
+    again = train(compose_run(data_root, tmp_path, *common, "trainer.max_steps=2", "ckpt_path=last", run="again"))
+    assert again.nothing_to_train is not None and again.global_step == again.start_step == 2
+    text = summary(again)
+    assert text.strip().startswith("Nothing to train: the checkpoint") and "is at step 2 and trainer.max_steps is 2" in text
+    assert f"MLflow run {first.run_id} is unchanged" in text and "raise trainer.max_steps" in text
+    after = client.get_run(first.run_id)
+    assert after.info.status == "FINISHED" and after.data.tags == before.data.tags and after.data.metrics == before.data.metrics
+    assert not (tmp_path / "demo" / "again").exists()  # nothing was built or written
+
+
+class _Fail(LossRecorder):
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("the machine went away")
+
+
+def test_failed_resume_keeps_the_finished_run_finished(data_root, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from scail2.config import ConfigError
+
+    common, first = _finished_run(data_root, tmp_path, mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    # Refused before MLflow is touched: a checkpoint DeepSpeed cannot read, named with the strategy that wrote it.
+    cfg = compose_run(data_root, tmp_path, *common, "trainer.max_steps=4", "ckpt_path=last", "strategy=deepspeed_zero2", run="ds")
+    with pytest.raises(ConfigError, match=r"written by strategy=single \(a single file\), which strategy=deepspeed_zero2 cannot load"):
+        train(cfg)
+    assert "resumed" not in client.get_run(first.run_id).data.tags
+    # A resume that fails while training leaves the finished run FINISHED, with the failure as a tag.
+    cfg = compose_run(data_root, tmp_path, *common, "trainer.max_steps=4", "ckpt_path=last", run="crash")
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        train(cfg, [_Fail()])
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resume.failed"] == "RuntimeError: the machine went away"
