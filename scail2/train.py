@@ -521,7 +521,9 @@ def summary(result: TrainResult) -> str:
 
 def _traceback_to_log_file(exc: BaseException) -> str | None:
     """Write ``exc``'s traceback to the log file of this job (Hydra's ``train.log``) only; its path, or None."""
-    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    files = [
+        h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull
+    ]
     for handler in files:
         handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "the run stopped:", (), (type(exc), exc, exc.__traceback__)))
     return files[0].baseFilename if files else None
@@ -537,7 +539,7 @@ def _task(cfg: DictConfig) -> float | None:
         result = train(cfg)
     except (ConfigError, CheckpointError, *USER_ERRORS) as exc:
         where = _traceback_to_log_file(exc)
-        print(f"error: {exc}" + (f"\n(traceback in {where})" if where else ""), file=sys.stderr, flush=True)
+        print(f"error: {exc}" + (f" (traceback in {where})" if where else ""), file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
     except TrainingStopped as exc:
         print(str(exc), file=sys.stderr, flush=True)

@@ -98,11 +98,24 @@ def release(tmp_path_factory):
     return build_release_tree(tmp_path_factory.mktemp("release") / "SCAIL-2")
 
 
-def test_animate_from_the_official_release_folder(release, files, tmp_path, capsys):
+def test_animate_from_the_official_release_folder(release, files, tmp_path, capsys, monkeypatch):
     """--model <release root>: SAT checkpoint, Wan2.1_VAE.pth, umT5 / CLIP .pth, umt5-xxl/ as downloaded; the
-    same video as from the pipeline-folder layout of the same weights, and nothing written into the release."""
+    same frames as from the pipeline-folder layout of the same weights, and nothing written into the release.
+
+    The frames are compared as generated, before H.264 encoding: x264 now and then encodes identical frames of
+    this tiny video differently (measured: 1 run in ~15 within one process, up to 21 levels on 5% of pixels)."""
     from scail2.pipeline import SCAIL2Pipeline
     from tests.test_cli_convert import _snapshot
+
+    generated: list[np.ndarray] = []
+    generate = SCAIL2Pipeline.generate
+
+    def recording(self, *a, **kw):
+        out = generate(self, *a, **kw)
+        generated.append(np.array(out.frames))
+        return out
+
+    monkeypatch.setattr(SCAIL2Pipeline, "generate", recording)
 
     before = _snapshot(release)
     args = ["--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4"), "--height", "32",
@@ -113,7 +126,8 @@ def test_animate_from_the_official_release_folder(release, files, tmp_path, caps
     folder = SCAIL2Pipeline.from_pretrained(release).save_pretrained(tmp_path / "pipeline")
     assert (folder / "image_processor" / "preprocessor_config.json").is_file()  # Wan's preprocessing, written out
     assert main(["--model", str(folder), *args, "--out", str(tmp_path / "pipeline.mp4")]) == 0
-    from_release, from_folder = read_video(tmp_path / "release.mp4"), read_video(tmp_path / "pipeline.mp4")
+    assert read_video(tmp_path / "release.mp4").shape == (5, 32, 32, 3)
+    from_release, from_folder = generated
     assert from_release.shape == (5, 32, 32, 3) and np.array_equal(from_release, from_folder)
     capsys.readouterr()
 
@@ -127,13 +141,16 @@ def test_animate_from_the_official_release_folder(release, files, tmp_path, caps
         err = capsys.readouterr().err
         assert f"no CLIP image encoder at {clip}" in err and "--image-encoder PATH" in err
         assert main(["--model", str(release), "--image-encoder", str(moved), *args, "--out", str(tmp_path / "y.mp4")]) == 0
-        assert np.array_equal(read_video(tmp_path / "y.mp4"), from_release)
+        assert read_video(tmp_path / "y.mp4").shape == from_release.shape
+        assert np.array_equal(generated[-1], from_release)
     finally:
         shutil.move(moved, clip)
     assert main([*args, "--vae", str(release / "Wan2.1_VAE.pth"), "--out", str(tmp_path / "z.mp4")]) == 2
     assert "no model folder given and no path for ['transformer', 'text_encoder', 'tokenizer', 'image_encoder']" in (
         capsys.readouterr().err
     )
+
+
 def _exported(tmp_path, model, mode: str, resolutions=((9, 32, 32),)):
     """An export like scail2-train's: the network folder with training.json, made a pipeline folder with the
     encoders of ``model`` by ``write_pipeline_index`` (``mode``: copy or relative)."""

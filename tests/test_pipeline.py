@@ -328,7 +328,7 @@ def test_conditioning_from_a_training_batch():
 def test_guidance_below_one_and_missing_negative_are_errors():
     stub = _StubTransformer()
     cond, negative = _random_cond(stub.config)
-    with pytest.raises(ValueError, match="guidance_scale is 0.5; need >= 1"):
+    with pytest.raises(ValueError, match="guidance_scale is 0.5; need a finite number >= 1"):
         sample_latents(stub, cond, make_scheduler(), negative_text=negative, num_inference_steps=1, guidance_scale=0.5)
     with pytest.raises(ValueError, match="negative_text"):
         sample_latents(stub, cond, make_scheduler(), num_inference_steps=1, guidance_scale=2.0)

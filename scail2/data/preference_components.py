@@ -450,7 +450,11 @@ class SyntheticRenderer:
 # ----------------------------------------------------------------------------------------------------
 
 # scail2's component classes; a user's own package is admitted with --allow PREFIX.
-DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = ("scail2.data.preference_components.", "scail2.data.preference_builder.")
+DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = (
+    "scail2.data.preference_components.",
+    "scail2.data.preference_builder.",
+    "scail2.data.engine.",
+)
 
 
 def instantiate(

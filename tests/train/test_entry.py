@@ -82,9 +82,9 @@ def test_job_errors_are_one_line_with_the_fix(tmp_path):
         proc = _run([f"paths.output_root={tmp_path}", "print_config=false", *argv], tmp_path)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert lines[-2].startswith(message) and lines[-1].startswith("(traceback in ")
-        assert "Traceback" in Path(lines[-1].removeprefix("(traceback in ").rstrip(")")).read_text()
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(message) and " (traceback in " in last, proc.stderr[-3000:]
+        assert "Traceback" in Path(last.rsplit(" (traceback in ", 1)[1].rstrip(")")).read_text()
     assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run was created
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,10 +193,14 @@ def resume_runs(data_root, tmp_path_factory, mlflow_uri) -> dict:
 
 
 def _resume_here(data_root, out: Path, ckpt: Path, *extra: str) -> list[float]:
-    """The losses of steps 5-8 resumed from ``ckpt`` in this process."""
+    """The losses of steps 5-8 resumed from ``ckpt`` in this process. A run resumes only from a checkpoint under
+    its output root, so ``ckpt`` is copied there first."""
+    given = out / "given" / "checkpoints" / ckpt.name
+    given.parent.mkdir(parents=True)
+    shutil.copy2(ckpt, given)
     losses = LossRecorder()
     cfg = compose_run(data_root, out, *RESUME, *QUIET, "trainer.max_steps=8", *extra)
-    cfg.ckpt_path = str(ckpt)  # set after composing: the file name's "=" would need quoting on a command line
+    cfg.ckpt_path = str(given)  # set after composing: the file name's "=" would need quoting on a command line
     train(cfg, extra_callbacks=[losses])
     return losses.losses
 
