@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from scail2.bench.cases import TASKS
 from scail2.bench.loaders import LAYOUTS, XDANCE_DRIVING, XDANCE_PAIRINGS
-from scail2.config.schema import PathsConfig
+from scail2.config.schema import PathsConfig, shipped_folder
 from scail2.eval.judge import DIMENSIONS, JudgeConfig
 
 METRIC_USES: tuple[str, ...] = ("auto", "required", "skip")
@@ -207,12 +207,12 @@ class BenchConfig:
 
 
 def bench_config_dir() -> Path:
-    """``conf/`` of the source checkout, which holds ``bench.yaml`` and the ``benchmark/`` group."""
-    path = Path(__file__).resolve().parents[2] / "conf"
+    """``conf/`` (the checkout's or an installed wheel's), which holds ``bench.yaml`` and the ``benchmark/`` group."""
+    path = shipped_folder("conf")
     if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
         raise FileNotFoundError(
-            f"{path / (PRIMARY_CONFIG + '.yaml')} not found: scail2-bench reads its configs from the source "
-            "checkout's conf/ folder; install the package from a checkout (pip install -e .) or pass --config-dir"
+            f"{path / (PRIMARY_CONFIG + '.yaml')} not found: the conf/ folder lacks scail2-bench's primary config; "
+            "reinstall scail2 or pass --config-dir"
         )
     return path
 

@@ -33,23 +33,27 @@ from omegaconf import MISSING, OmegaConf
 
 
 def config_dir() -> Path:
-    """``conf/``: the Hydra groups, next to the package in a source checkout."""
-    return _repo_folder("conf")
+    """``conf/``: the Hydra groups (the source checkout's, or the copy an installed wheel carries)."""
+    return shipped_folder("conf")
 
 
 def experiments_dir() -> Path:
     """``experiments/``: the experiment files, registered as the ``experiment`` group."""
-    return _repo_folder("experiments")
+    return shipped_folder("experiments")
 
 
-def _repo_folder(name: str) -> Path:
-    path = Path(__file__).resolve().parents[2] / name
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} not found: scail2-train reads its configs from the source checkout's {name}/ folder; "
-            "install the package from a checkout (pip install -e .) or pass --config-dir"
-        )
-    return path
+def shipped_folder(name: str) -> Path:
+    """``conf`` or ``experiments``: from an installed wheel, the copy under ``scail2/_configs/`` (setup.py puts
+    it there); from a source checkout (editable install), the folder at the top of the checkout."""
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package / "_configs" / name, package.parent / name)
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"no {name}/ folder at {candidates[0]} (an installed wheel) or {candidates[1]} (a source checkout): "
+        "reinstall scail2 (pip install . or pip install -e . from a checkout), or pass --config-dir"
+    )
 
 
 # --------------------------------------------------------------------------------------------- hand-written
