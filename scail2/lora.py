@@ -89,6 +89,17 @@ def add_lora(model: torch.nn.Module, spec: LoRASpec = LoRASpec()) -> torch.nn.Mo
     return model
 
 
+def lora_parameter_count(model: torch.nn.Module, spec: LoRASpec = LoRASpec()) -> int:
+    """The adapter parameters `add_lora` would add to ``model`` (``rank x (in + out)`` per matched linear
+    layer), without adding them: works on a model built on the meta device (`scail2.models.memory`)."""
+    pattern = re.compile(spec.target_modules)
+    return sum(
+        spec.rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name)
+    )
+
+
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

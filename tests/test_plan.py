@@ -143,3 +143,50 @@ def test_cli_plans_the_paper_recipe(capsys):
     assert "tokens per rank                             47,960" in out and "fits:" in out
     assert main(["experiment=pretrain_wan14b"]) == 2
     assert "pass --clip FRAMESxHEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_adapter_training_counts_the_adapters_that_train_exactly():
+    """DPO with LoRA: the planned adapter count is what add_lora makes trainable, and the parameter, gradient
+    and AdamW bytes of a real step on the tiny model with a bf16 frozen backbone are planned exactly."""
+    from scail2.lora import LoRASpec, add_lora, lora_parameter_count
+
+    overrides, b, (t, h, w), text, image = CASES["small"]
+    cfg = scail2_config("tiny", **overrides)
+    spec = LoRASpec(rank=4)
+    model = randomize_(SCAIL2Transformer(cfg)).to(torch.bfloat16)
+    planned = lora_parameter_count(model, spec)
+    add_lora(model, spec)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # the adapters train in float32 (as DPOModule keeps them)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert planned == sum(p.numel() for p in adapters) > 0
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+    setup = Setup(batch=b, precision="bf16-autocast", adapters=planned, frozen_bytes=2, samples_per_item=2)
+    plan = plan_memory(cfg, Layout(t, h, w, text_tokens=text, image_tokens=image), setup)
+    opt = torch.optim.AdamW(adapters, lr=1e-4)
+    for p in adapters:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    states = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
+    assert plan.persistent["parameters (frozen backbone)"] == 2 * frozen == 2 * plan.num_params
+    assert plan.persistent["parameters (adapters)"] == plan.persistent["gradients"] == 4 * planned
+    assert plan.persistent["optimizer state"] == states
+    # A pair puts two samples through the network: the activations are those of batch 2b, not b.
+    single = plan_memory(cfg, Layout(t, h, w, text_tokens=text, image_tokens=image), Setup(batch=2 * b, precision="bf16-autocast",
+                         adapters=planned, frozen_bytes=2))  # fmt: skip
+    assert plan.persistent["activations (blocks)"] == single.persistent["activations (blocks)"]
+    with pytest.raises(ValueError, match="adapter training runs with strategy single or ddp"):
+        Setup(world_size=8, strategy="fsdp2", adapters=planned)
+
+
+def test_cli_plans_dpo_with_its_frozen_backbone(capsys):
+    from scail2.cli.plan import main
+
+    args = ["experiment=dpo_wan14b", "module.init_from=/w", "data.cache_dir=/c", "module.heldout.cache_dir=/h"]
+    assert main([*args, "--clip", "81x480x832", "--gpu-memory", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "adapter training: 613.42M adapter parameters train, the backbone is frozen (bf16)" in out
+    assert "parameters (frozen backbone)             30.54 GiB" in out
+    assert "strategy=fsdp2" not in out and "strategy.sequence_parallel=4" in out

@@ -62,7 +62,10 @@ def _precision(trainer_precision: Any, strategy: str, strategy_node: Any) -> str
 
 def setup_from_config(cfg: Any, devices: int | None = None):
     """(model config, `Setup`, the data config's clip or None) of a composed ``scail2-train`` config."""
+    from dataclasses import replace
+
     import torch
+    from omegaconf import OmegaConf
 
     from scail2.config.instantiate import instantiate
     from scail2.models.memory import Setup
@@ -87,6 +90,19 @@ def setup_from_config(cfg: Any, devices: int | None = None):
         reshard_after_forward=bool(cfg.strategy["reshard_after_forward"]) if "reshard_after_forward" in cfg.strategy else True,
         attention_backend=str(cfg.module.attention_backend),
     )
+    if "lora" in cfg.module:  # adapter training (DPO): only the adapters train, the backbone is frozen
+        from scail2.lora import LoRASpec, lora_parameter_count
+
+        spec = LoRASpec(**OmegaConf.to_container(cfg.module.lora, resolve=True))
+        frozen = str(cfg.module.get("frozen_dtype") or "float32")
+        if frozen.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"module.frozen_dtype={frozen}: the planner knows float32, bfloat16 and float16")
+        setup = replace(
+            setup,
+            adapters=lora_parameter_count(net, spec),
+            frozen_bytes=4 if frozen.removeprefix("torch.") == "float32" else 2,
+            samples_per_item=2,
+        )
     clip = None
     if all(k in cfg.data for k in ("frames", "height", "width")):
         clip = (int(cfg.data.frames), int(cfg.data.height), int(cfg.data.width))

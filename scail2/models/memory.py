@@ -28,6 +28,12 @@ Terms (bytes on one rank):
   gradients, the activation gradients of one block, the sequence-parallel all-to-all buffers, and the attention
   matrix when the plain ``math`` backend is chosen (the fused kernels never build it).
 
+Adapter training (Bias-Aware DPO with LoRA, ``Setup.adapters``): the backbone is frozen and replicated in its
+stored dtype (``module.frozen_dtype``); gradients and AdamW state exist for the float32 adapters only; a
+preference pair puts two samples (winner and loser) through the network with gradients. The reference
+predictions (adapters disabled, no gradients) run before the policy's forward and keep nothing for backward;
+the adapters' own saved tensors (each adapted layer's input again and its rank-wide projection) are not counted.
+
 The total is persistent + transient; a job is said to fit when it leaves ``HEADROOM`` of the device free for the
 CUDA context, the caching allocator's fragmentation and kernels' workspaces.
 """
@@ -97,6 +103,12 @@ class Setup:
     reshard_after_forward: bool = True
     optimizer_states: int = 2  # AdamW: exp_avg and exp_avg_sq
     attention_backend: str = "sdpa"
+    # Adapter training (DPO with LoRA): the adapters' parameter count (0: the whole network trains), the bytes of
+    # one frozen backbone parameter (2: bf16, module.frozen_dtype), and the samples one item puts through the
+    # network with gradients (2 for a preference pair: winner and loser).
+    adapters: int = 0
+    frozen_bytes: int = 4
+    samples_per_item: int = 1
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -107,6 +119,10 @@ class Setup:
             raise ValueError(f"sequence_parallel={self.sequence_parallel} does not divide world size {self.world_size}")
         if self.precision == "bf16-params" and self.strategy != "fsdp2":
             raise ValueError("bf16-params (bf16 compute copies of float32 parameters) is FSDP2's mixed precision")
+        if self.adapters and self.strategy not in ("single", "ddp"):
+            raise ValueError(f"adapter training runs with strategy single or ddp (the frozen backbone is replicated), not {self.strategy}")
+        if self.frozen_bytes not in (2, 4) or self.samples_per_item < 1:
+            raise ValueError(f"frozen_bytes {self.frozen_bytes} (2 or 4), samples_per_item {self.samples_per_item} (>= 1)")
 
 
 @dataclass
@@ -176,7 +192,7 @@ def plan_memory(config: TransformerConfig, layout: Layout, setup: Setup) -> Memo
     seg = layout.tokens(c.patch_size)
     length = sum(seg.values())
     local = math.ceil(length / s.sequence_parallel)
-    b = s.batch
+    b = s.batch * s.samples_per_item
     p_all, p_block, root_matrices = _count_params(c)
     p_root = p_all - n_layers * p_block
     w = s.world_size
@@ -185,7 +201,13 @@ def plan_memory(config: TransformerConfig, layout: Layout, setup: Setup) -> Memo
     plan = MemoryPlan(c, layout, s, length, local, p_all)
 
     # Parameters, gradients, optimizer state (float32 masters; AdamW's states in the parameters' dtype).
-    if s.strategy in ("single", "ddp"):
+    trained = s.adapters or p_all
+    if s.adapters:  # a frozen, replicated backbone; only the float32 adapters have gradients and optimizer state
+        plan.persistent["parameters (frozen backbone)"] = s.frozen_bytes * p_all
+        plan.persistent["parameters (adapters)"] = 4 * s.adapters
+        plan.persistent["gradients"] = 4 * s.adapters
+        plan.persistent["optimizer state"] = 4 * s.optimizer_states * s.adapters
+    elif s.strategy in ("single", "ddp"):
         plan.persistent["parameters"] = 4 * p_all
         plan.persistent["gradients"] = 4 * p_all
         plan.persistent["optimizer state"] = 4 * s.optimizer_states * p_all
@@ -203,7 +225,8 @@ def plan_memory(config: TransformerConfig, layout: Layout, setup: Setup) -> Memo
     cd, fd, ffn = _BLOCK_WIDTHS["fp32" if not half else s.precision]
     per_token = cd * d * sc + fd * d * 4 + ffn * f * sc + (_LSE_PER_HEAD * heads + _TOKEN_SCALARS) * 4
     context = (layout.text_tokens + layout.image_tokens) * d * (4 * sc + 4) + 3 * d * 4
-    weights = (10 * d * d + 2 * d * f) * 2 if s.precision == "bf16-autocast" else 0
+    copies = s.precision == "bf16-autocast" and s.frozen_bytes == 4  # autocast's bf16 copies of float32 weights
+    weights = (10 * d * d + 2 * d * f) * 2 if copies else 0
     sp_extra = d * sc if s.sequence_parallel > 1 else 0  # the o projection's input is no longer the attention output
     block = b * (local * (per_token + sp_extra) + context) + weights
     # Under autocast the residual stream stays float32 (the float32 mask-embedding bias is added to bf16 tokens).
@@ -211,7 +234,7 @@ def plan_memory(config: TransformerConfig, layout: Layout, setup: Setup) -> Memo
     k = _checkpointed(n_layers, s.activation_checkpointing)
     plan.persistent["activations (blocks)"] = (n_layers - k) * block + k * block_input
     plan.persistent["activations (embeddings, head, loss)"] = b * _outside_blocks(c, layout, seg, local, s, sc) + (
-        2 * root_matrices if s.precision == "bf16-autocast" else 0  # autocast's bf16 copies of the root's weights
+        2 * root_matrices if copies else 0  # autocast's bf16 copies of the root's weights
     )
 
     # Transient buffers of one block's backward.
@@ -223,7 +246,7 @@ def plan_memory(config: TransformerConfig, layout: Layout, setup: Setup) -> Memo
         plan.transient["gathered parameters"] = gathered * sc
         plan.transient["unsharded block gradients"] = p_block * (sc + 4)
     if s.strategy in ("ddp", "deepspeed_zero2"):
-        plan.transient["gradient buckets"] = min(4 * p_all, 2 * 25 * 2**20 if s.strategy == "ddp" else 4 * 200_000_000)
+        plan.transient["gradient buckets"] = min(4 * trained, 2 * 25 * 2**20 if s.strategy == "ddp" else 4 * 200_000_000)
     if s.sequence_parallel > 1:
         plan.transient["all-to-all buffers"] = b * 3 * local * d * sc * 3
     if s.attention_backend == "math":
@@ -265,7 +288,7 @@ def suggestions(config: TransformerConfig, layout: Layout, setup: Setup, device_
     options: list[tuple[str, Setup]] = []
     if _checkpointed(config.num_layers, s.activation_checkpointing) < config.num_layers:
         options.append(("module.activation_checkpointing=true", replace(s, activation_checkpointing=True)))
-    if s.strategy in ("single", "ddp") and s.world_size > 1:
+    if s.strategy in ("single", "ddp") and s.world_size > 1 and not s.adapters:
         options.append(("strategy=fsdp2", replace(s, strategy="fsdp2", precision="fp32" if s.precision == "fp32" else "bf16-params")))
     if s.strategy == "fsdp2" and s.precision != "bf16-params":
         options.append(("strategy.param_dtype=bfloat16 strategy.reduce_dtype=float32", replace(s, precision="bf16-params")))
@@ -304,8 +327,13 @@ def report(plan: MemoryPlan, device_bytes: float | None = None) -> str:
         f"{s.strategy} on {s.world_size} GPU(s), sequence parallel {s.sequence_parallel}, batch {s.batch} per "
         f"replica, {s.precision}, activation checkpointing "
         f"{_checkpointed(c.num_layers, s.activation_checkpointing)}/{c.num_layers} blocks",
-        plan.table(),
     ]
+    if s.adapters:
+        lines.append(
+            f"adapter training: {_count(s.adapters)} adapter parameters train, the backbone is frozen "
+            f"({'bf16' if s.frozen_bytes == 2 else 'fp32'}); {s.samples_per_item} samples per item with gradients"
+        )
+    lines.append(plan.table())
     if device_bytes is None:
         return "\n".join(lines)
     budget = (1 - HEADROOM) * device_bytes
