@@ -13,6 +13,7 @@ import torch
 from scail2.conditioning import Condition, MotionBatch
 from scail2.conditioning.condition import MODES
 from scail2.conditioning.masks import character_masks_to_colour
+from scail2.conditioning.pixels import to_uint8, to_unit
 from scail2.models import scail2_config
 from scail2.testing import random_condition
 
@@ -72,11 +73,19 @@ def test_conditioning_imports_no_layer_above_it():
         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('scail2.') and m.count('.') >= 1}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert set(eval(out)) <= {"conditioning", "models", "utils"} and "conditioning" in eval(out)
+    assert eval(out) == ["conditioning", "models", "utils"]  # utils: file helpers that import no other layer
     from scail2.bench import cases
     from scail2.data import batch
 
     assert cases.MODES is MODES and batch.MODES is MODES and batch.MotionBatch is MotionBatch
+
+
+def test_pixels_round_trip_every_8bit_level():
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 256, 1)
+    unit = to_unit(levels)
+    assert unit.dtype == torch.float32 and unit.min() == -1 and unit.max() == 1
+    assert torch.equal(to_uint8(unit), levels)
+    assert torch.equal(to_uint8(torch.tensor([-1.5, 1.5])), torch.tensor([0, 255], dtype=torch.uint8))  # clamped
 
 
 # ---------------------------------------------------------------------- one encoding: training == inference

@@ -117,10 +117,19 @@ def sequence_rope(
     return torch.stack([cache[m] for m in modes]).to(device)
 
 
-def history_mask(batch: int, num_frames: int, keep: torch.Tensor | bool, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(B, 1, T, 1, 1) mask: 1 on the first ``HISTORY_FRAMES`` latent frames of samples with history on."""
+def history_mask(
+    batch: int,
+    num_frames: int,
+    keep: torch.Tensor | bool,
+    device=None,
+    dtype=torch.float32,
+    history_frames: int = HISTORY_FRAMES,
+) -> torch.Tensor:
+    """(B, 1, T, 1, 1) mask: 1 on the first ``history_frames`` latent frames of the samples with ``keep`` (a bool
+    for the whole batch or one per sample), else 0. Training keeps `HISTORY_FRAMES`; the sampler passes the
+    length of its clean history."""
     keep_t = torch.as_tensor(keep, device=device).reshape(-1).expand(batch).to(dtype)
-    frames = (torch.arange(num_frames, device=device) < HISTORY_FRAMES).to(dtype)
+    frames = (torch.arange(num_frames, device=device) < history_frames).to(dtype)
     return (keep_t[:, None] * frames[None]).view(batch, 1, num_frames, 1, 1)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from scail2.conditioning.pixels import to_unit
 from scail2.data.batch import MotionBatch, PreferenceBatch
 from scail2.data.buckets import PAPER_BUCKETS_512P, Bucket, assign_bucket
 from scail2.data.datamodule import MotionDataLoader, SampledDataModule
@@ -35,7 +36,7 @@ from scail2.data.datasets import PairDatasetBase, pixel_rng
 from scail2.data.latents import LatentSample, collate_samples, encode_pixel_sample
 from scail2.data.manifest import BoxTrack
 from scail2.data.preference import PREFERENCE_CLASS, PreferenceRecord, load_preference_manifest
-from scail2.data.sample import PixelSample, SampleError, VideoMeta, _Reads, _same_size, unit_range
+from scail2.data.sample import PixelSample, SampleError, VideoMeta, _Reads, _same_size
 from scail2.data.transforms import (
     clip_indices,
     cover_box,
@@ -45,6 +46,7 @@ from scail2.data.transforms import (
     transform_boxes,
 )
 from scail2.data.video import Backend, VideoDecodeError, VideoReader
+from scail2.utils.dtypes import DTYPES as _DTYPES
 
 if TYPE_CHECKING:
     from scail2.encoders.bundle import Encoders
@@ -180,7 +182,7 @@ def load_preference_pixels(
 def encode_preference_pixels(pixels: PreferencePixels, encoders: "Encoders") -> PreferenceSample:
     """Run the frozen encoders on a pair; the winner goes through `encode_pixel_sample` unchanged."""
     winner = encode_pixel_sample(pixels.winner, encoders)
-    loser = unit_range(pixels.loser).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    loser = to_unit(pixels.loser).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     loser_latents = encoders.vae.encode(loser)[0].float().cpu()  # (16, T, h, w)
     return PreferenceSample(winner, loser_latents, region_to_latent(pixels.loser_hands))
 
@@ -311,7 +313,6 @@ CACHE_KIND = "preference"
 _CACHE_VERSION = 2
 _INDEX = "index.json"
 _NULL_TEXT = "null_text.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensors of one cached pair; "hands" / "loser_hands" are the (1, T, h, w) coverages.
 _CACHE_TENSORS = ("latents", "loser_latents", "reference", "reference_mask", "driving", "driving_mask", "text",
                   "clip_tokens", "hands", "loser_hands")  # fmt: skip

@@ -44,13 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from scail2.conditioning.condition import MODES
-from scail2.conditioning.encode import to_unit
 from scail2.conditioning.masks import (
+    SIZE_MULTIPLE,
     character_masks_to_colour,
     character_order,
     check_spatial_size,
     palette_violation_fraction,
 )
+from scail2.conditioning.pixels import to_uint8, to_unit
 from scail2.pipeline.segments import OVERLAP_FRAMES, SEGMENT_FRAMES, SegmentPlan, plan_segments
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 PALETTE_TOLERANCE = 0.05
 DEFAULT_FPS = 16.0  # the training frame rate, used when the driving video's rate is unknown
 DEFAULT_AREA = 512 * 896  # pixels of the default resolution: the 512p training bucket
-SIZE_MULTIPLE = 32
 _RESIZE_CHUNK = 32  # frames resized at once, bounding the float32 working memory
 _RANGE_SLACK = 1e-3
 
@@ -276,7 +276,7 @@ def _colour_video(masks: torch.Tensor, mode: str, order: list[int], reference: b
     chunks = []
     for part in masks.split(_RESIZE_CHUNK, dim=1):
         colour = character_masks_to_colour(part, mode, order, reference=reference)  # (f, 3, H, W) in {-1, 1}
-        chunks.append(((colour + 1) * 127.5).round().to(torch.uint8))
+        chunks.append(to_uint8(colour))
     return torch.cat(chunks)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scail2.conditioning import pixels
 from scail2.conditioning.condition import Condition
 from scail2.conditioning.encode import encode_caption, encode_condition, encode_driving
 from scail2.pipeline.inputs import PreparedInputs, prepare_inputs
@@ -79,8 +80,7 @@ class SCAIL2Output:
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(F, 3, H, W) float in [-1, 1] -> uint8 (F, H, W, 3)."""
-    x = ((frames.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return pixels.to_uint8(frames.cpu()).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class SCAIL2Pipeline:
