@@ -34,9 +34,9 @@ from common import interleaved, versions, write_result  # noqa: E402
 
 from scail2.conditioning import Condition, MotionBatch, PreferenceBatch  # noqa: E402
 from scail2.lit.networks import scail2_transformer  # noqa: E402
-from scail2.lora import LoRASpec, add_lora  # noqa: E402
+from scail2.lora import LoRASpec, adapters_disabled, add_lora  # noqa: E402
 from scail2.models.parallelize import apply_activation_checkpointing  # noqa: E402
-from scail2.objectives.dpo import DPOConfig, dpo_loss  # noqa: E402
+from scail2.objectives.dpo import DPOConfig, dpo_loss, model_velocity  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
 
 # name: model (preset + geometry overrides), batch, clip (frames x height x width pixels), text/CLIP tokens.
@@ -164,7 +164,8 @@ def make_dpo_step(case: dict, device: str):
     batch = PreferenceBatch(replace(winner, hand_mask=hands), loser, hands)
     objective = DPOConfig()
     trainable = [p for p in net.parameters() if p.requires_grad]
-    step = optimizer_step(lambda: dpo_loss(net, batch, generator, objective).loss, trainable, 1e-4, 0.0, device)
+    reference = model_velocity(net, within=adapters_disabled)  # the base: adapters disabled
+    step = optimizer_step(lambda: dpo_loss(net, batch, generator, objective, reference=reference).loss, trainable, 1e-4, 0.0, device)
     flops, tokens = step_cost(net, winner, case)
     return step, 4 * flops, tokens, params
 

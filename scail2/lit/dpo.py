@@ -26,8 +26,8 @@ import torch
 
 from scail2.data.batch import PreferenceBatch
 from scail2.lit.base import SCAIL2Module, StepOutput
-from scail2.lora import LoRASpec, add_lora, merge_lora, save_lora
-from scail2.objectives.dpo import DPOConfig, dpo_loss
+from scail2.lora import LoRASpec, adapters_disabled, add_lora, merge_lora, save_lora
+from scail2.objectives.dpo import DPOConfig, dpo_loss, model_velocity
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,14 @@ class DPOModule(SCAIL2Module):
         gradients are negligible): 6 forward-equivalents = 1.5x the forwards."""
         return 1.5 * self.flops_per_batch(batch)
 
+    def reference(self):
+        """The reference of the DPO loss: the pre-DPO network, i.e. this network with its adapters disabled."""
+        assert self.net is not None
+        return model_velocity(self.net, within=adapters_disabled)
+
     def compute_loss(self, batch: PreferenceBatch) -> StepOutput:
         assert self.net is not None and self.generator is not None
-        out = dpo_loss(self.net, batch, self.generator, self.objective)
+        out = dpo_loss(self.net, batch, self.generator, self.objective, reference=self.reference())
         return StepOutput(
             out.loss,
             {
@@ -249,7 +254,7 @@ class DPOModule(SCAIL2Module):
                 batch = batch.to(self.device)
                 for d in range(self.heldout.draws):
                     g = torch.Generator().manual_seed(self.heldout.seed + 100_003 * d + i)
-                    out = dpo_loss(self.net, batch, g, self.objective)
+                    out = dpo_loss(self.net, batch, g, self.objective, reference=self.reference())
                     b = batch.batch_size
                     acc += float(out.implicit_accuracy) * b
                     loss += float(out.dpo_loss) * b
