@@ -37,6 +37,7 @@ from scail2.data.latents import LatentSample, collate_samples, encode_pixel_samp
 from scail2.data.manifest import BoxTrack
 from scail2.data.preference import PREFERENCE_CLASS, PreferenceRecord, load_preference_manifest
 from scail2.data.sample import PixelSample, SampleError, VideoMeta, _Reads, _same_size
+from scail2.data.sampling import SampleKey
 from scail2.data.transforms import (
     clip_indices,
     cover_box,
@@ -644,3 +645,42 @@ class PreferenceDataModule(SampledDataModule):
             backend=self.video_backend,
             max_attempts=self.max_attempts,
         )
+
+    def fixed_batches(
+        self, num_pairs: int | None, batch_size: int, seed: int, what: str = "held-out", setting: str = "num_pairs"
+    ) -> list[PreferenceBatch]:
+        """A fixed set of this module's pairs for evaluation, read from a dataset of its own (the training
+        loader's is untouched): ``num_pairs`` distinct pairs (all of them when None), chosen once by a
+        permutation seeded with ``seed``, in batches of up to ``batch_size`` pairs of one bucket, each loaded
+        with ``seed``; ``winner.null_text`` attached. A pair that cannot be read is an error, not replaced by
+        another: the measured set is exactly the named one. ``what`` names the set and ``setting`` the option
+        that asked for ``num_pairs`` in the errors."""
+        dataset = self.build_dataset()
+        available = len(dataset)
+        wanted = available if num_pairs is None else num_pairs
+        if wanted > available:
+            raise ValueError(
+                f"{setting} is {num_pairs} but the {what} set ({self.cache_dir or self.manifest}) has {available} "
+                "pairs; lower it (null measures all of them) or build more pairs"
+            )
+        chosen = np.random.default_rng(seed).permutation(available)[:wanted]
+        by_bucket: dict[Bucket, list[int]] = {}
+        for item in chosen.tolist():
+            by_bucket.setdefault(dataset.item_buckets[item], []).append(item)
+        null_text = dataset.null_text()
+        batches = []
+        for items in by_bucket.values():
+            for start in range(0, len(items), batch_size):
+                samples = []
+                for item in items[start : start + batch_size]:
+                    sample = dataset[SampleKey(item, seed)]
+                    if sample.skips:
+                        raise RuntimeError(
+                            f"{what} pair {dataset.item_name(item)} could not be read ({sample.skips}); run "
+                            "`scail2-data validate` on it or remove it from the set"
+                        )
+                    samples.append(sample)
+                batch = collate_preferences(samples)
+                batch.winner.null_text = null_text
+                batches.append(batch)
+        return batches
