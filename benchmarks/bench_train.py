@@ -13,8 +13,9 @@ The 14B step with AdamW does not fit one GPU (16.4B parameters: 260 GB of weight
 the 14B case keeps the full width, heads and sequence and as many of its 40 blocks as the memory planner
 (`scail2.models.memory`) says fit the GPU (MFU is a per-FLOP ratio: it does not depend on the depth).
 
-MFU = 3 x the model's forward FLOPs (`flops_for_inputs`: all linear layers, convolutions and attention
-products) / step time / peak FLOP/s of one device; recomputation under activation checkpointing is not counted.
+MFU = 3 x the model's forward FLOPs (`flops_per_forward` on the `sequence_layout` token counts: all linear
+layers, convolutions and attention products) / step time / peak FLOP/s of one device; recomputation under
+activation checkpointing is not counted.
 Results go to benchmarks/results/train_<device>.json.
 """
 
@@ -25,7 +26,6 @@ import gc
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -33,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folde
 from common import interleaved, versions, write_result  # noqa: E402
 
 from scail2.conditioning import Condition, MotionBatch, PreferenceBatch  # noqa: E402
+from scail2.conditioning.packing import sequence_layout  # noqa: E402
 from scail2.lit.networks import scail2_transformer  # noqa: E402
-from scail2.lora import LoRASpec, add_lora  # noqa: E402
+from scail2.lora import LoRASpec, adapters_disabled, add_lora  # noqa: E402
 from scail2.models.parallelize import apply_activation_checkpointing  # noqa: E402
-from scail2.objectives.dpo import DPOConfig, dpo_loss  # noqa: E402
+from scail2.objectives.dpo import DPOConfig, dpo_loss, model_velocity  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
 
 # name: model (preset + geometry overrides), batch, clip (frames x height x width pixels), text/CLIP tokens.
@@ -109,14 +110,11 @@ def random_batch(net, case: dict, device: str, generator: torch.Generator) -> Mo
 def step_cost(net, batch: MotionBatch, case: dict) -> tuple[float, int]:
     """(forward FLOPs, tokens) of one pass of ``net`` over ``batch``'s layout (reference + video + half-size driving)."""
     b, _, t, h, w = batch.latents.shape
-    shapes = SimpleNamespace(
-        reference=torch.empty(b, 20, 1, h, w, device="meta"),
-        video=torch.empty(b, 20, t, h, w, device="meta"),
-        driving=torch.empty(b, 20, t, h // 2, w // 2, device="meta"),
+    layout = sequence_layout(t, h, w, net.config.patch_size)
+    flops = net.flops_per_forward(
+        layout.total, case["text_len"], case["image_len"], batch=b, head_tokens=layout.video, mask_tokens=layout.mask_tokens
     )
-    flops = net.flops_for_inputs(shapes, text_len=case["text_len"], image_len=case["image_len"])
-    per_frame = (h // 2) * (w // 2)
-    return flops, b * ((1 + t) * per_frame + t * per_frame // 4)
+    return flops, b * layout.total
 
 
 def optimizer_step(loss_fn, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str):
@@ -164,7 +162,8 @@ def make_dpo_step(case: dict, device: str):
     batch = PreferenceBatch(replace(winner, hand_mask=hands), loser, hands)
     objective = DPOConfig()
     trainable = [p for p in net.parameters() if p.requires_grad]
-    step = optimizer_step(lambda: dpo_loss(net, batch, generator, objective).loss, trainable, 1e-4, 0.0, device)
+    reference = model_velocity(net, within=adapters_disabled)  # the base: adapters disabled
+    step = optimizer_step(lambda: dpo_loss(net, batch, generator, objective, reference=reference).loss, trainable, 1e-4, 0.0, device)
     flops, tokens = step_cost(net, winner, case)
     return step, 4 * flops, tokens, params
 

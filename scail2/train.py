@@ -353,9 +353,12 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
 
     from scail2.config.checks import check_config
     from scail2.lit.checkpoint import write_run_record
+    from scail2.lit.evaluation import evaluation_history
     from scail2.lit.export import ExportModel, mark_finished
     from scail2.lit.faults import RunIdentity, StopCheckpoint
+    from scail2.lit.heldout import HeldOutPreferences
     from scail2.lit.tracking import record_outputs, record_run
+    from scail2.lit.validation import SampleValidation
 
     start = time.perf_counter()
     _absolute_paths(cfg)
@@ -437,8 +440,8 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
     if is_zero and finished and export is not None and export.network_dir is not None:
         mark_finished(export.network_dir)
     last = Path(checkpoint_cb.last_model_path) if checkpoint_cb is not None and checkpoint_cb.last_model_path else None
-    heldout = list(getattr(module, "heldout_history", []))
-    validation = list(module.validation_history)
+    heldout = evaluation_history(trainer, HeldOutPreferences)
+    validation = evaluation_history(trainer, SampleValidation)
     if is_zero and logger is not None:
         histories = {
             "validation": [{"step": v.step, **v.metrics} for v in validation],

@@ -13,8 +13,10 @@ import torch
 from scail2.conditioning import Condition, MotionBatch
 from scail2.conditioning.condition import MODES
 from scail2.conditioning.masks import character_masks_to_colour
-from scail2.models import scail2_config
-from scail2.testing import random_condition
+from scail2.conditioning.packing import SequenceLayout, sequence_layout
+from scail2.conditioning.pixels import to_uint8, to_unit
+from scail2.models import SCAIL2Transformer, scail2_config
+from scail2.testing import random_condition, random_scail2_batch
 
 from .data.helpers import tiny_encoders, torch_threads
 
@@ -72,11 +74,48 @@ def test_conditioning_imports_no_layer_above_it():
         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('scail2.') and m.count('.') >= 1}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert set(eval(out)) <= {"conditioning", "models", "utils"} and "conditioning" in eval(out)
+    assert eval(out) == ["conditioning", "models", "utils"]  # utils: file helpers that import no other layer
     from scail2.bench import cases
     from scail2.data import batch
 
     assert cases.MODES is MODES and batch.MODES is MODES and batch.MotionBatch is MotionBatch
+
+
+def test_pixels_round_trip_every_8bit_level():
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 256, 1)
+    unit = to_unit(levels)
+    assert unit.dtype == torch.float32 and unit.min() == -1 and unit.max() == 1
+    assert torch.equal(to_uint8(unit), levels)
+    assert torch.equal(to_uint8(torch.tensor([-1.5, 1.5])), torch.tensor([0, 255], dtype=torch.uint8))  # clamped
+
+
+# ---------------------------------------------------------------------- the token layout of the packing
+@pytest.mark.parametrize(("frames", "height", "width", "extra", "mode"),
+                         [(3, 8, 8, 0, "animation"), (5, 8, 12, 2, "replacement"), (1, 4, 16, 1, "animation")])
+def test_sequence_layout_counts_the_packed_tokens(frames, height, width, extra, mode):
+    # The layout that FLOP and token counts use is the one the packing builds: every segment's tokens as the
+    # backbone patchifies them, the RoPE factors' length as their sum.
+    config = scail2_config("tiny")
+    inputs, kwargs = random_scail2_batch(config, batch=1, frames=frames, height=height, width=width, modes=[mode],
+                                         num_extra_refs=extra)  # fmt: skip
+    layout = sequence_layout(frames, height, width, config.patch_size, extra)
+    patch = 2 * 2
+    assert layout.reference == inputs.reference[0, 0].numel() // patch == (extra + 1) * (height // 2) * (width // 2)
+    assert layout.video == inputs.video[0, 0].numel() // patch
+    assert layout.driving == inputs.driving[0, 0].numel() // patch == layout.video // 4
+    assert layout.total == inputs.rope.shape[1]
+    with torch.device("meta"):
+        model = SCAIL2Transformer(config)
+    text_len, image_len = kwargs["context"].shape[1], kwargs["clip_tokens"].shape[1]
+    assert model.flops_for_inputs(inputs, text_len, image_len) == model.flops_per_forward(
+        layout.total, text_len, image_len, head_tokens=layout.video, mask_tokens=layout.mask_tokens
+    )
+
+
+def test_sequence_layout_at_512p():
+    # 81 frames at 512x896: latents 21 x 64 x 112; 1,792 reference, 37,632 video and 9,408 driving tokens.
+    assert sequence_layout(21, 64, 112) == SequenceLayout(reference=1792, video=37632, driving=9408)
+    assert sequence_layout(21, 64, 112, num_extra_refs=2).reference == 3 * 1792
 
 
 # ---------------------------------------------------------------------- one encoding: training == inference

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from scail2.data.batch import MotionBatch, PreferenceBatch
 from scail2.lora import LoRASpec, adapters_disabled, add_lora, load_lora, lora_layers, merge_lora, read_lora, save_lora
 from scail2.models import SCAIL2Transformer, scail2_config
-from scail2.objectives.dpo import DPOConfig, dpo_loss
-from scail2.objectives.flow_matching import shift_mu, shift_sigma
+from scail2.objectives.dpo import DPOConfig, dpo_loss, model_velocity
+from scail2.objectives.flow_matching import FlowMatchingConfig, shift_mu, shift_sigma
 from scail2.testing import randomize_
 
 from .test_flow_matching import make_batch
@@ -25,6 +25,11 @@ def make_pair(b=2, seed=0, same=False) -> PreferenceBatch:
     lh = torch.zeros_like(hands)
     lh[:, :, :, 5:7, 0:2] = 0.5
     return PreferenceBatch(w, loser, lh)
+
+
+def base_of(model):
+    """The reference a LoRA model's owner passes: the same network with its adapters disabled."""
+    return model_velocity(model, within=adapters_disabled)
 
 
 class Stub(torch.nn.Module):
@@ -45,7 +50,7 @@ def test_loss_equals_independent_computation():
     g0 = torch.Generator().manual_seed(0)
     p_pol, p_ref = torch.randn(2 * b, 16, 3, 8, 8, generator=g0), torch.randn(2 * b, 16, 3, 8, 8, generator=g0)
     cfg = DPOConfig(beta=50.0, sft_weight=0.3)
-    out = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(7), cfg, reference=Stub(p_ref))
+    out = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(7), cfg, reference=model_velocity(Stub(p_ref)))
     # Independent: regenerate sigma and the shared noise from the same generator.
     g = torch.Generator().manual_seed(7)
     z = torch.randn(b, generator=g)
@@ -68,6 +73,29 @@ def test_loss_equals_independent_computation():
     assert torch.allclose(out.loss, expect_dpo + 0.3 * expect_sft, atol=1e-6)
     assert torch.allclose(out.err_policy_w, ew) and torch.allclose(out.err_ref_l, rl)
     assert out.implicit_accuracy == ((-inside) > 0).float().mean()
+
+
+@pytest.mark.parametrize("exclude_ocr", [True, False])
+def test_sft_term_is_the_flow_matching_loss_under_its_loss_mask(exclude_ocr):
+    # The SFT anchor weights the winner's error with pretraining's loss mask: OCR regions are left out exactly
+    # when the flow-matching settings say so (sigma.exclude_ocr), as in the pretraining loss.
+    pair = make_pair()
+    b = 2
+    ocr = torch.zeros(b, 1, 3, 8, 8)
+    ocr[:, :, :, 0:4, :] = 1.0  # the top half of every frame is text
+    pair.winner.ocr_mask = ocr
+    g0 = torch.Generator().manual_seed(0)
+    p_pol, p_ref = torch.randn(2 * b, 16, 3, 8, 8, generator=g0), torch.randn(2 * b, 16, 3, 8, 8, generator=g0)
+    cfg = DPOConfig(sigma=FlowMatchingConfig(exclude_ocr=exclude_ocr))
+    out = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(7), cfg, reference=model_velocity(Stub(p_ref)))
+    g = torch.Generator().manual_seed(7)
+    torch.randn(b, generator=g)  # sigma
+    tw = torch.randn(pair.winner.latents.shape, generator=g) - pair.winner.latents
+    weight = (1 - ocr) if exclude_ocr else torch.ones_like(ocr)
+    expect = ((p_pol[:b] - tw).pow(2) * weight).flatten(1).mean(1).mean()
+    assert torch.allclose(out.sft_loss, expect, atol=1e-6)
+    other = ((p_pol[:b] - tw).pow(2) * ((1 - ocr) if not exclude_ocr else 1.0)).flatten(1).mean(1).mean()
+    assert not torch.allclose(out.sft_loss, other, atol=1e-4)  # the two settings differ on this batch
 
 
 @pytest.fixture
@@ -95,8 +123,8 @@ def test_lora_targets_the_released_module_set(lora_model):
 def test_adapters_disabled_equals_frozen_copy(lora_model):
     model, frozen = lora_model
     pair = make_pair()
-    out_a = dpo_loss(model, pair, torch.Generator().manual_seed(1))  # reference: adapters disabled
-    out_b = dpo_loss(model, pair, torch.Generator().manual_seed(1), reference=frozen)
+    out_a = dpo_loss(model, pair, torch.Generator().manual_seed(1), reference=base_of(model))
+    out_b = dpo_loss(model, pair, torch.Generator().manual_seed(1), reference=model_velocity(frozen))
     assert torch.allclose(out_a.err_ref_w, out_b.err_ref_w, atol=1e-6)
     assert torch.allclose(out_a.err_ref_l, out_b.err_ref_l, atol=1e-6)
     assert not torch.allclose(out_a.err_policy_w, out_a.err_ref_w)
@@ -104,7 +132,7 @@ def test_adapters_disabled_equals_frozen_copy(lora_model):
 
 def test_identical_pair_gives_log2_and_zero_gradient(lora_model):
     model, _ = lora_model
-    out = dpo_loss(model, make_pair(same=True), torch.Generator().manual_seed(2))
+    out = dpo_loss(model, make_pair(same=True), torch.Generator().manual_seed(2), reference=base_of(model))
     assert out.dpo_loss.item() == pytest.approx(math.log(2), abs=1e-6)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -113,7 +141,7 @@ def test_identical_pair_gives_log2_and_zero_gradient(lora_model):
 
     # beta = 5000 magnifies float rounding between the two halves of the batch; zero up to that noise,
     # against an ordinary gradient for a distinct pair.
-    ordinary = grad_norm(dpo_loss(model, make_pair(), torch.Generator().manual_seed(2)))
+    ordinary = grad_norm(dpo_loss(model, make_pair(), torch.Generator().manual_seed(2), reference=base_of(model)))
     assert grad_norm(out) < 1e-4 * ordinary
 
 
@@ -123,7 +151,7 @@ def test_gradients_reach_only_lora_and_base_stays_unchanged(lora_model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     for step in range(3):
-        out = dpo_loss(model, pair, torch.Generator().manual_seed(step))
+        out = dpo_loss(model, pair, torch.Generator().manual_seed(step), reference=base_of(model))
         opt.zero_grad()
         out.loss.backward()
         assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
@@ -131,8 +159,8 @@ def test_gradients_reach_only_lora_and_base_stays_unchanged(lora_model):
     for n, p in model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base_before[n]), n
-    out = dpo_loss(model, pair, torch.Generator().manual_seed(9), reference=frozen)
-    ref = dpo_loss(model, pair, torch.Generator().manual_seed(9))
+    out = dpo_loss(model, pair, torch.Generator().manual_seed(9), reference=model_velocity(frozen))
+    ref = dpo_loss(model, pair, torch.Generator().manual_seed(9), reference=base_of(model))
     assert torch.allclose(out.err_ref_w, ref.err_ref_w, atol=1e-6)
 
 
@@ -153,13 +181,13 @@ def test_changes_outside_the_hand_mask_do_not_affect_the_dpo_term():
     ref = LocalModel()
     with torch.no_grad():
         ref.scale.fill_(0.5)
-    a = dpo_loss(LocalModel(), pair, torch.Generator().manual_seed(3), reference=ref)
+    a = dpo_loss(LocalModel(), pair, torch.Generator().manual_seed(3), reference=model_velocity(ref))
     M = pair.hand_union()
     changed = PreferenceBatch(pair.winner, pair.loser_latents + 5.0 * (M == 0), pair.loser_hand_mask)
-    b = dpo_loss(LocalModel(), changed, torch.Generator().manual_seed(3), reference=ref)
+    b = dpo_loss(LocalModel(), changed, torch.Generator().manual_seed(3), reference=model_velocity(ref))
     assert torch.allclose(a.dpo_loss, b.dpo_loss, atol=1e-7)
     inside = PreferenceBatch(pair.winner, pair.loser_latents + 5.0 * (M > 0), pair.loser_hand_mask)
-    c = dpo_loss(LocalModel(), inside, torch.Generator().manual_seed(3), reference=ref)
+    c = dpo_loss(LocalModel(), inside, torch.Generator().manual_seed(3), reference=model_velocity(ref))
     assert not torch.allclose(a.dpo_loss, c.dpo_loss)
 
 
@@ -168,7 +196,7 @@ def test_missing_hand_masks_are_an_error():
     pair.winner.hand_mask = None
     pair.loser_hand_mask = None
     with pytest.raises(ValueError, match="needs hand masks"):
-        dpo_loss(Stub(torch.zeros(4, 16, 3, 8, 8)), pair, torch.Generator(), reference=Stub(torch.zeros(4, 16, 3, 8, 8)))
+        dpo_loss(Stub(torch.zeros(4, 16, 3, 8, 8)), pair, torch.Generator(), reference=model_velocity(Stub(torch.zeros(4, 16, 3, 8, 8))))
 
 
 @pytest.mark.parametrize("layout", ["peft", "comfyui"])

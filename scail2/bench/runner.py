@@ -73,6 +73,7 @@ class CaseGenerator:
         import torch
 
         from scail2.pipeline import SCAIL2Pipeline
+        from scail2.utils.dtypes import SHORT_DTYPES
 
         if config.model_dir is None:
             raise ValueError(
@@ -83,7 +84,7 @@ class CaseGenerator:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("generation.device=cuda but no CUDA device is available; use generation.device=cpu")
         dtype_name = config.dtype if config.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        dtype = SHORT_DTYPES[dtype_name]
         # umT5 overflows in float16, so it runs in bfloat16 whenever a half type is asked for.
         text_dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
         self.config = config

@@ -45,7 +45,6 @@ EXIT_BAD_INPUT = 2
 EXIT_OUTPUT = 3  # the video could not be written after sampling; the frames and latents were kept
 DTYPES = ("fp32", "bf16", "fp16")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
-SIZE_MULTIPLE = 32  # VAE stride 8 x half-resolution driving x patch 2
 MAX_SIDE = 8192  # output height / width; inputs are resized to cover the output, so sizes beyond cost all memory
 MAX_ASPECT = 8.0  # longer / shorter output side (the training buckets are about 1.75)
 # A requested size is "far" from a trained resolution when its pixel count differs by more than this factor
@@ -153,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from scail2.conditioning.masks import SIZE_MULTIPLE
+
     if (args.height is None) != (args.width is None):
         raise InputError(f"give both --height and --width (got --height {args.height}, --width {args.width})")
     for flag, size in (("--height", args.height), ("--width", args.width)):
@@ -354,8 +355,10 @@ def _strings(paths: list[Path] | None) -> list[str] | None:
 def _dtypes(args: argparse.Namespace, device: str):
     import torch
 
+    from scail2.utils.dtypes import SHORT_DTYPES
+
     name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtype = SHORT_DTYPES[name]
     # umT5 overflows in float16, so it gets bfloat16 whenever a half type is asked for.
     text = torch.float32 if name == "fp32" else torch.bfloat16
     return dtype, text

@@ -17,9 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from scail2.utils.dtypes import SHORT_DTYPES as DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ import torch
 
 from scail2.conditioning.condition import Condition, check_mode
 from scail2.conditioning.masks import background_mask, driving_mask_to_latent, reference_mask_to_latent
+from scail2.conditioning.pixels import to_unit
 
 if TYPE_CHECKING:
     from scail2.encoders.bundle import Encoders
@@ -39,11 +40,6 @@ Placement = Callable[[Any], AbstractContextManager]
 
 def _here(module: Any) -> AbstractContextManager:
     return nullcontext(module)
-
-
-def to_unit(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [-1, 1] (x / 127.5 - 1); float frames (already in [-1, 1]) -> float32."""
-    return frames.float() / 127.5 - 1.0 if frames.dtype == torch.uint8 else frames.float()
 
 
 def _check(x: torch.Tensor, ndim: int, what: str, layout: str) -> None:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from scail2.conditioning.condition import check_mode
+from scail2.conditioning.pixels import to_unit, unit_level
 
 # Order of the 7 mask channels (channel c of every 7-channel block).
 MASK_CHANNELS: tuple[str, ...] = ("white", "red", "green", "blue", "yellow", "magenta", "cyan")
@@ -62,8 +63,9 @@ COLOUR_RGB: Mapping[str, tuple[int, int, int]] = MappingProxyType(
     }
 )
 
-# A channel is on above 225/255, written in [-1, 1] units.
-ON_THRESHOLD: float = (225 - 127.5) / 127.5
+# A channel is on above this 8-bit level (225/255); ON_THRESHOLD is the same level in [-1, 1] units.
+ON_LEVEL = 225
+ON_THRESHOLD: float = unit_level(ON_LEVEL)
 # Values within this distance of the threshold count as the threshold itself (off). It is about 1/800 of
 # an 8-bit level: it only absorbs float rounding of x / 127.5 - 1, so an 8-bit 225 stays off whichever way
 # it was mapped, while the quarter-level values that 0.5x bilinear downsampling produces are unaffected.
@@ -280,11 +282,11 @@ def palette_violation_fraction(frames: torch.Tensor, low: int = 64) -> float:
     decoded as 240, a 0 decoded as 20) does not count; mid-grey, orange (255, 165, 0), or a colour faded to
     200 that the threshold would silently read as off do count. Returns a Python float in [0, 1].
     """
-    if not 0 < low <= 225:
-        raise ValueError(f"palette_violation_fraction low={low}; need an 8-bit level in (0, 225], e.g. 64")
+    if not 0 < low <= ON_LEVEL:
+        raise ValueError(f"palette_violation_fraction low={low}; need an 8-bit level in (0, {ON_LEVEL}], e.g. 64")
     x = _check_rgb(frames, "mask video")
     confidently_on = x > ON_THRESHOLD + _THRESHOLD_TOLERANCE
-    confidently_off = x < low / 127.5 - 1
+    confidently_off = x < unit_level(low)
     ambiguous = ~(confidently_on | confidently_off)  # (..., 3, H, W)
     return ambiguous.any(dim=-3).float().mean().item()
 
@@ -374,8 +376,7 @@ def mask_background(mode: str, reference: bool) -> str:
 
 def _rgb(name: str, device: torch.device | None = None) -> torch.Tensor:
     """(3, 1, 1) float32 in {-1, 1} of a palette colour."""
-    value = torch.tensor(COLOUR_RGB[name], dtype=torch.float32, device=device)
-    return (value / 127.5 - 1).view(3, 1, 1)
+    return to_unit(torch.tensor(COLOUR_RGB[name], dtype=torch.uint8, device=device)).view(3, 1, 1)
 
 
 def background_mask(mode: str, reference: bool, height: int, width: int, frames: int = 1) -> torch.Tensor:
@@ -394,7 +395,7 @@ def video_mask_to_reference(mask: torch.Tensor, mode: str) -> torch.Tensor:
     """
     ref_bg, drive_bg = MASK_BACKGROUNDS[check_mode(mode, "mask mode")]
     if mask.dtype == torch.uint8:
-        on = mask > 225
+        on = mask > ON_LEVEL
         levels = {"white": 255, "black": 0}
     else:
         on = _check_rgb(mask, "mask") > ON_THRESHOLD + _THRESHOLD_TOLERANCE

@@ -70,6 +70,43 @@ def segment_offsets(mode: str, num_extra_refs: int = 0) -> dict[str, list[Segmen
     }
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Tokens of one sample's packed sequence by segment: what the backbone's cost depends on.
+
+    ``reference`` covers the extra references and the reference (n + 1 frames), ``video`` the noisy video (the
+    tokens the output head runs on), ``driving`` the half-resolution driving video; reference and driving
+    tokens go through the mask embedding.
+    """
+
+    reference: int
+    video: int
+    driving: int
+
+    @property
+    def total(self) -> int:
+        return self.reference + self.video + self.driving
+
+    @property
+    def mask_tokens(self) -> int:
+        """Tokens that go through the mask embedding (reference and driving)."""
+        return self.reference + self.driving
+
+
+def sequence_layout(
+    num_frames: int, height: int, width: int, patch_size: tuple[int, int, int] = (1, 2, 2), num_extra_refs: int = 0
+) -> SequenceLayout:
+    """The `SequenceLayout` of a video latent of ``num_frames`` x ``height`` x ``width`` (T x h x w) packed with
+    ``num_extra_refs`` extra references, patchified as the backbone does (the reference frames and the video
+    together, the driving video on the half-resolution grid)."""
+    pt, ph, pw = patch_size
+    per_frame = (height // ph) * (width // pw)
+    plain = (num_extra_refs + 1 + num_frames) // pt * per_frame
+    video = num_frames // pt * per_frame
+    driving = num_frames // pt * ((height // DRIVING_POOL) // ph) * ((width // DRIVING_POOL) // pw)
+    return SequenceLayout(reference=plain - video, video=video, driving=driving)
+
+
 def sequence_positions(mode: str, num_frames: int, height: int, width: int, num_extra_refs: int = 0):
     """Token positions of the packed sequence for one sample.
 
@@ -117,10 +154,19 @@ def sequence_rope(
     return torch.stack([cache[m] for m in modes]).to(device)
 
 
-def history_mask(batch: int, num_frames: int, keep: torch.Tensor | bool, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(B, 1, T, 1, 1) mask: 1 on the first ``HISTORY_FRAMES`` latent frames of samples with history on."""
+def history_mask(
+    batch: int,
+    num_frames: int,
+    keep: torch.Tensor | bool,
+    device=None,
+    dtype=torch.float32,
+    history_frames: int = HISTORY_FRAMES,
+) -> torch.Tensor:
+    """(B, 1, T, 1, 1) mask: 1 on the first ``history_frames`` latent frames of the samples with ``keep`` (a bool
+    for the whole batch or one per sample), else 0. Training keeps `HISTORY_FRAMES`; the sampler passes the
+    length of its clean history."""
     keep_t = torch.as_tensor(keep, device=device).reshape(-1).expand(batch).to(dtype)
-    frames = (torch.arange(num_frames, device=device) < HISTORY_FRAMES).to(dtype)
+    frames = (torch.arange(num_frames, device=device) < history_frames).to(dtype)
     return (keep_t[:, None] * frames[None]).view(batch, 1, num_frames, 1, 1)
 
 

@@ -95,7 +95,7 @@ class TrainerConfig:
     enable_model_summary: bool = True
     enable_checkpointing: bool = True
     limit_train_batches: Optional[Any] = None
-    # No Lightning validation loop: validation sampling runs as a hook of the module (scail2.lit.validation).
+    # No Lightning validation loop: validation sampling runs as a callback the module attaches (scail2.lit.validation).
     limit_val_batches: Any = 0
     num_sanity_val_steps: int = 0
     fast_dev_run: Any = False

@@ -54,6 +54,7 @@ from scail2.data.sample import (
     record_meta,
 )
 from scail2.data.video import Backend
+from scail2.utils.dtypes import DTYPES as _DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ CACHE_KIND = "motion"
 # 2: reference masks reach the 28-channel packing as given (animation-mode reference masks on white; a target
 # mask frame used as the reference mask is redrawn on the reference background). 1: white turned black.
 CACHE_VERSION = 2
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

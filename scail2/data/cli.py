@@ -83,8 +83,9 @@ def _cache(args: argparse.Namespace) -> int:
     from scail2.data.sample import AugmentOptions
     from scail2.data.validate import ValidateOptions
     from scail2.encoders.bundle import Encoders
+    from scail2.utils.dtypes import DTYPES
 
-    dtypes = {"stored": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes = {"stored": None, **DTYPES}
 
     try:
         records, unparsed = _parse_manifest(args.manifest)

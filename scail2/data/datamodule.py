@@ -10,6 +10,7 @@ A resumed run continues at the next batch with the identical order. Train with
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from scail2.data.datasets import LatentCacheDataset, MotionPairDataset, PairData
 from scail2.data.latents import collate_samples, merge_skip_counts
 from scail2.data.manifest import load_manifest
 from scail2.data.sample import AugmentOptions
-from scail2.data.sampling import PAPER_WEIGHTS, MixBatchSampler, mix_groups
+from scail2.data.sampling import PAPER_WEIGHTS, MixBatchSampler, SampleKey, mix_groups
 from scail2.data.video import Backend
 
 log = logging.getLogger(__name__)
@@ -259,3 +260,21 @@ class MotionDataModule(SampledDataModule):
             backend=self.video_backend,
             max_attempts=self.max_attempts,
         )
+
+    def validation_batch(self, num_samples: int, seed: int) -> MotionBatch:
+        """A fixed batch of the training set for validation sampling: up to ``num_samples`` items of its most
+        common bucket, spread evenly over that bucket's items, item k loaded with seed ``seed + k``, with
+        ``null_text`` attached. The same arguments give the same batch."""
+        self.setup("fit")
+        dataset = self.dataset
+        assert dataset is not None
+        buckets = list(dataset.item_buckets)
+        if not buckets:
+            raise ValueError("the training dataset has no items to validate on")
+        bucket = Counter(buckets).most_common(1)[0][0]
+        items = [i for i, b in enumerate(buckets) if b == bucket]
+        n = min(num_samples, len(items))
+        chosen = [items[(k * len(items)) // n] for k in range(n)]
+        batch = collate_samples([dataset[SampleKey(item, seed + k)] for k, item in enumerate(chosen)])
+        batch.null_text = dataset.null_text()
+        return batch

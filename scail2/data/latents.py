@@ -16,8 +16,9 @@ import torch
 from scail2.conditioning.batch import MotionBatch
 from scail2.conditioning.condition import Condition
 from scail2.conditioning.encode import encode_condition, encode_driving
+from scail2.conditioning.pixels import to_unit
 from scail2.data.buckets import Bucket
-from scail2.data.sample import REGION_NAMES, PixelSample, unit_range
+from scail2.data.sample import REGION_NAMES, PixelSample
 from scail2.data.transforms import region_to_latent
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def encode_pixel_sample(sample: PixelSample, encoders: "Encoders") -> LatentSamp
     The condition (reference, masks, the main driving signal, caption, extra references) goes through
     `encode_condition`; the augmented driving signal, when the sample has both, through its `encode_driving`.
     """
-    target = unit_range(sample.target).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    target = to_unit(sample.target).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     latents = encoders.vae.encode(target)[0].float().cpu()  # (16, T, h, w)
     main = "driving" if "driving" in sample.drivings else "driving_aug"
     video, mask = sample.drivings[main]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from scail2.conditioning.pixels import to_unit
 from scail2.data.batch import MotionBatch, PreferenceBatch
 from scail2.data.buckets import PAPER_BUCKETS_512P, Bucket, assign_bucket
 from scail2.data.datamodule import MotionDataLoader, SampledDataModule
@@ -35,7 +36,8 @@ from scail2.data.datasets import PairDatasetBase, pixel_rng
 from scail2.data.latents import LatentSample, collate_samples, encode_pixel_sample
 from scail2.data.manifest import BoxTrack
 from scail2.data.preference import PREFERENCE_CLASS, PreferenceRecord, load_preference_manifest
-from scail2.data.sample import PixelSample, SampleError, VideoMeta, _Reads, _same_size, unit_range
+from scail2.data.sample import PixelSample, SampleError, VideoMeta, _Reads, _same_size
+from scail2.data.sampling import SampleKey
 from scail2.data.transforms import (
     clip_indices,
     cover_box,
@@ -45,6 +47,7 @@ from scail2.data.transforms import (
     transform_boxes,
 )
 from scail2.data.video import Backend, VideoDecodeError, VideoReader
+from scail2.utils.dtypes import DTYPES as _DTYPES
 
 if TYPE_CHECKING:
     from scail2.encoders.bundle import Encoders
@@ -180,7 +183,7 @@ def load_preference_pixels(
 def encode_preference_pixels(pixels: PreferencePixels, encoders: "Encoders") -> PreferenceSample:
     """Run the frozen encoders on a pair; the winner goes through `encode_pixel_sample` unchanged."""
     winner = encode_pixel_sample(pixels.winner, encoders)
-    loser = unit_range(pixels.loser).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    loser = to_unit(pixels.loser).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     loser_latents = encoders.vae.encode(loser)[0].float().cpu()  # (16, T, h, w)
     return PreferenceSample(winner, loser_latents, region_to_latent(pixels.loser_hands))
 
@@ -311,7 +314,6 @@ CACHE_KIND = "preference"
 _CACHE_VERSION = 2
 _INDEX = "index.json"
 _NULL_TEXT = "null_text.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensors of one cached pair; "hands" / "loser_hands" are the (1, T, h, w) coverages.
 _CACHE_TENSORS = ("latents", "loser_latents", "reference", "reference_mask", "driving", "driving_mask", "text",
                   "clip_tokens", "hands", "loser_hands")  # fmt: skip
@@ -643,3 +645,42 @@ class PreferenceDataModule(SampledDataModule):
             backend=self.video_backend,
             max_attempts=self.max_attempts,
         )
+
+    def fixed_batches(
+        self, num_pairs: int | None, batch_size: int, seed: int, what: str = "held-out", setting: str = "num_pairs"
+    ) -> list[PreferenceBatch]:
+        """A fixed set of this module's pairs for evaluation, read from a dataset of its own (the training
+        loader's is untouched): ``num_pairs`` distinct pairs (all of them when None), chosen once by a
+        permutation seeded with ``seed``, in batches of up to ``batch_size`` pairs of one bucket, each loaded
+        with ``seed``; ``winner.null_text`` attached. A pair that cannot be read is an error, not replaced by
+        another: the measured set is exactly the named one. ``what`` names the set and ``setting`` the option
+        that asked for ``num_pairs`` in the errors."""
+        dataset = self.build_dataset()
+        available = len(dataset)
+        wanted = available if num_pairs is None else num_pairs
+        if wanted > available:
+            raise ValueError(
+                f"{setting} is {num_pairs} but the {what} set ({self.cache_dir or self.manifest}) has {available} "
+                "pairs; lower it (null measures all of them) or build more pairs"
+            )
+        chosen = np.random.default_rng(seed).permutation(available)[:wanted]
+        by_bucket: dict[Bucket, list[int]] = {}
+        for item in chosen.tolist():
+            by_bucket.setdefault(dataset.item_buckets[item], []).append(item)
+        null_text = dataset.null_text()
+        batches = []
+        for items in by_bucket.values():
+            for start in range(0, len(items), batch_size):
+                samples = []
+                for item in items[start : start + batch_size]:
+                    sample = dataset[SampleKey(item, seed)]
+                    if sample.skips:
+                        raise RuntimeError(
+                            f"{what} pair {dataset.item_name(item)} could not be read ({sample.skips}); run "
+                            "`scail2-data validate` on it or remove it from the set"
+                        )
+                    samples.append(sample)
+                batch = collate_preferences(samples)
+                batch.winner.null_text = null_text
+                batches.append(batch)
+        return batches

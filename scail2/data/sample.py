@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scail2.conditioning.encode import to_unit
 from scail2.conditioning.masks import video_mask_to_reference
 from scail2.data.buckets import Bucket
 from scail2.data.manifest import MotionRecord
@@ -376,10 +375,4 @@ def load_pixel_sample(
         drivings=loaded,
         regions=regions,
     )
-
-
-def unit_range(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [-1, 1] (x / 127.5 - 1), the range every encoder and mask function takes
-    (`scail2.conditioning.encode.to_unit`)."""
-    return to_unit(frames)
 

@@ -88,7 +88,9 @@ def _check_video(path: Path, name: str, report: RecordReport, options: ValidateO
 
 
 def _unit(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, H, W) in [-1, 1]
+    from scail2.conditioning.pixels import to_unit
+
+    return to_unit(torch.from_numpy(frames).permute(0, 3, 1, 2))  # (F, 3, H, W) in [-1, 1]
 
 
 def _check_palette(frames: np.ndarray, name: str, report: RecordReport, options: ValidateOptions) -> None:
@@ -104,7 +106,9 @@ def _check_palette(frames: np.ndarray, name: str, report: RecordReport, options:
 
 
 def _white_fraction(frames: np.ndarray) -> float:
-    return float((frames > 225).all(axis=-1).mean())
+    from scail2.conditioning.masks import ON_LEVEL
+
+    return float((frames > ON_LEVEL).all(axis=-1).mean())
 
 
 def _check_reference_background(frames: np.ndarray, mode: str, report: RecordReport, options: ValidateOptions) -> None:

@@ -13,11 +13,13 @@
 - the non-finite guard: before any optimizer step, a non-finite loss or gradient norm either raises an error
   naming the step and the batch's sample ids and sources (``nonfinite="error"``) or drops the step's gradients
   so the weights and optimizer state stay untouched, counted in ``train/nonfinite_skips`` (``"skip"``);
-- logging (loss, learning rate, gradient norm, skips), the FLOPs and token counts the throughput monitor needs, validation
-  sampling (`scail2.lit.validation`) and export of the trained network.
+- logging (loss, learning rate, gradient norm, skips), the FLOPs and token counts the throughput monitor needs
+  (from `scail2.conditioning.packing.sequence_layout`) and export of the trained network;
+- attaching its evaluations as callbacks (`configure_callbacks`): validation sampling
+  (`scail2.lit.validation.SampleValidation`) when ``validation`` is set.
 
-A subclass implements :meth:`compute_loss` (one batch -> `StepOutput`). The ``objective`` object (e.g.
-`FlowMatchingConfig`) is handed to it unchanged.
+A subclass implements :meth:`compute_loss` (one batch and a generator -> `StepOutput`). The ``objective``
+object (e.g. `FlowMatchingConfig`) is handed to it unchanged.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
+from scail2.conditioning.packing import SequenceLayout, sequence_layout
 from scail2.data.batch import MotionBatch
 from scail2.lit.checkpoint import runtime_differences, runtime_settings
-from scail2.lit.validation import ValidationConfig, ValidationResult
+from scail2.lit.validation import SampleValidation, ValidationConfig
 from scail2.models.wan import WanModel
 
 log = logging.getLogger(__name__)
@@ -126,11 +129,6 @@ class SCAIL2Module(L.LightningModule):
         self._consecutive_skips = 0
         self._step_batches: list[dict[str, Any]] = []  # loss and sample ids of the micro-batches of this step
         self._flops_cache: dict[tuple, float] = {}
-        # Validation's fixed batch, the decoder and the decoded targets. A plain dict, so that the decoder is not
-        # registered as a submodule (it must not enter checkpoints, the optimizer or DDP).
-        self._val_cache: dict[str, Any] = {"batch": None, "vae": None, "targets": None}
-        self._last_val_step = -1
-        self.validation_history: list[ValidationResult] = []
 
     # ------------------------------------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -241,9 +239,14 @@ class SCAIL2Module(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    def configure_callbacks(self) -> list[Callback]:
+        """The evaluations this module runs between training steps (Lightning adds them to the trainer's)."""
+        return [SampleValidation(self.validation)] if self.validation is not None else []
+
     # ------------------------------------------------------------------------------------------------ the step
-    def compute_loss(self, batch: Any) -> StepOutput:
-        """The objective on one batch; uses ``self.net``, ``self.objective`` and ``self.generator``."""
+    def compute_loss(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        """The objective on one batch with ``self.net`` and ``self.objective``, drawing its noise from
+        ``generator`` (the training step passes ``self.generator``; evaluations pass fixed ones)."""
         raise NotImplementedError
 
     @staticmethod
@@ -252,7 +255,8 @@ class SCAIL2Module(L.LightningModule):
         return batch if isinstance(batch, MotionBatch) else batch.winner
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        out = self.compute_loss(batch)
+        assert self.generator is not None, "setup runs before training"
+        out = self.compute_loss(batch, self.generator)
         mb = self.motion_batch(batch)
         self._step_batches.append(
             {"loss": out.loss.detach(), "ids": list(mb.meta.get("ids", [])) if mb.meta else [], "sources": list(mb.source)}
@@ -336,22 +340,25 @@ class SCAIL2Module(L.LightningModule):
         )
 
     # ------------------------------------------------------------------------------------------------ accounting
+    def sequence_layout(self, batch: Any) -> SequenceLayout:
+        """Tokens per sample of this batch's packed sequence, by segment."""
+        mb = self.motion_batch(batch)
+        assert self.net is not None
+        _, _, t, h, w = mb.latents.shape
+        return sequence_layout(t, h, w, self.net.config.patch_size, mb.cond.num_extra_references)
+
     def flops_per_batch(self, batch: Any) -> float:
         """Matmul FLOPs of the forward passes of one training step on this rank's batch (the model's own count;
         forward + backward is about 3x this); with sequence parallelism, this rank's share."""
         mb = self.motion_batch(batch)
-        n_ref = 1 + mb.cond.num_extra_references
-        b, _, t, h, w = mb.latents.shape
-        key = (b, n_ref, t, h, w, mb.cond.text.shape[1], mb.cond.clip_tokens.shape[1], type(batch).__name__)
+        text_len, image_len = mb.cond.text.shape[1], mb.cond.clip_tokens.shape[1]
+        key = (*mb.latents.shape, mb.cond.num_extra_references, text_len, image_len, type(batch).__name__)
         if key not in self._flops_cache:
             assert self.net is not None
-            # Only shapes matter: meta tensors of the packed layout.
-            shapes = SimpleNamespace(
-                reference=torch.empty(b, 20, n_ref, h, w, device="meta"),
-                video=torch.empty(b, 20, t, h, w, device="meta"),
-                driving=torch.empty(b, 20, t, h // 2, w // 2, device="meta"),
+            layout = self.sequence_layout(batch)
+            flops = self.net.flops_per_forward(
+                layout.total, text_len, image_len, batch=mb.batch_size, head_tokens=layout.video, mask_tokens=layout.mask_tokens
             )
-            flops = self.net.flops_for_inputs(shapes, text_len=mb.cond.text.shape[1], image_len=mb.cond.clip_tokens.shape[1])
             self._flops_cache[key] = flops * self.forward_passes_per_step() / self.sequence_parallel
         return self._flops_cache[key]
 
@@ -367,13 +374,7 @@ class SCAIL2Module(L.LightningModule):
     def tokens_per_batch(self, batch: Any) -> float:
         """Sequence tokens the backbone processes for this rank's batch (reference, video and driving); with
         sequence parallelism, this rank's share."""
-        mb = self.motion_batch(batch)
-        assert self.net is not None
-        pt, ph, pw = self.net.config.patch_size
-        n_ref = 1 + mb.cond.num_extra_references
-        b, _, t, h, w = mb.latents.shape
-        per_frame = (h // ph) * (w // pw)
-        return b * ((n_ref + t) // pt * per_frame + t // pt * per_frame // 4) / self.sequence_parallel
+        return self.motion_batch(batch).batch_size * self.sequence_layout(batch).total / self.sequence_parallel
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -437,92 +438,6 @@ class SCAIL2Module(L.LightningModule):
                 "losses and weights will differ (in the last bits or more) from an uninterrupted run:\n  %s",
                 "\n  ".join(differences),
             )
-
-    # ------------------------------------------------------------------------------------------------ validation
-    def on_train_start(self) -> None:
-        v = self.validation
-        if v is not None and v.before_training and self.global_step == 0 and not self.trainer.fast_dev_run:
-            self.run_validation()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        v = self.validation
-        if v is None or self.trainer.fast_dev_run or self._last_val_step == self.global_step:
-            return
-        last = self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps
-        periodic = v.every_n_steps > 0 and self.global_step > 0 and self.global_step % v.every_n_steps == 0
-        if periodic or (last and v.after_training):
-            self.run_validation()
-
-    def on_train_end(self) -> None:
-        v = self.validation
-        if v is not None and v.after_training and not self.trainer.fast_dev_run and self._last_val_step != self.global_step:
-            self.run_validation()
-
-    @torch.no_grad()
-    def run_validation(self) -> ValidationResult:
-        """Sample the fixed validation batch, compute metrics, write and log media (see scail2.lit.validation).
-
-        Every rank samples (a sharded model needs all ranks in its forward passes); global rank 0 decodes,
-        writes and logs.
-        """
-        from scail2.lit import validation as val
-        from scail2.lit.tracking import log_artifacts
-
-        cfg = self.validation
-        assert cfg is not None and self.net is not None
-        self._last_val_step = self.global_step
-        cache = self._val_cache
-        if cache["batch"] is None:
-            dataset = getattr(self.trainer.datamodule, "dataset", None) if self.trainer.datamodule is not None else None
-            if dataset is None:
-                raise ValueError(
-                    "validation sampling draws its batch from the data module's `dataset`; this data module has "
-                    "none: set module.validation=null"
-                )
-            cache["batch"] = val.validation_batch(dataset, cfg.num_samples, cfg.seed)
-        batch = cache["batch"].to(self.device)
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            with self.trainer.precision_plugin.forward_context():
-                samples = val.sample_validation_latents(self.net, batch, cfg)
-                fm_loss = self.validation_loss(batch)
-        finally:
-            self.net.train(was_training)
-        mse = val.latent_mse(samples, batch.latents)
-        metrics = {"val/latent_mse": float(mse.mean()), "val/fm_loss": float(fm_loss)}
-        folder, files = None, []
-        if self.global_rank == 0 and cfg.vae is not None:
-            if cache["vae"] is None:
-                cache["vae"] = val.load_vae(cfg.vae, self.device)
-            decoded = val.decode_videos(cache["vae"], samples)
-            if cache["targets"] is None:
-                cache["targets"] = val.decode_videos(cache["vae"], batch.latents.float())
-            targets = cache["targets"]
-            metrics["val/psnr"] = val.psnr_db(decoded, targets)
-            folder = Path(self.trainer.default_root_dir) / "validation" / f"step_{self.global_step:07d}"
-            files = val.write_media(folder, decoded, targets, list(batch.meta.get("ids", [])), cfg.fps, cfg.grid_frames)
-        result = ValidationResult(self.global_step, metrics, folder, files)
-        self.validation_history.append(result)
-        if self.global_rank == 0:
-            log.info(
-                "validation at step %d: %s", self.global_step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            )
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
-                if folder is not None:
-                    log_artifacts(logger, folder, f"validation/step_{self.global_step:07d}")
-        return result
-
-    def validation_loss(self, batch: Any) -> torch.Tensor:
-        """The objective on ``batch`` with a fixed noise seed (the training generator is left untouched)."""
-        assert self.validation is not None
-        saved = self.generator
-        self.generator = torch.Generator().manual_seed(self.validation.seed)
-        try:
-            return self.compute_loss(batch).loss.detach()
-        finally:
-            self.generator = saved
 
     # ------------------------------------------------------------------------------------------------ export
     def export(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path | None:

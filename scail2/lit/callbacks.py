@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 
+from scail2.lit.evaluation import evaluation_seconds
+
 log = logging.getLogger("scail2.train")
 
 
@@ -20,7 +22,8 @@ class ThroughputMonitor(Callback):
     ``perf/tflops_per_device`` and ``perf/mfu``.
 
     Averages over the last ``window`` batches. A batch's time runs from the end of the previous batch to its own
-    end (data loading included), except right after a validation, whose time is not counted. FLOPs are the
+    end (data loading included), less the time evaluations spent in between (validation sampling, held-out
+    pairs: every `scail2.lit.evaluation.Evaluation` reports its time in ``seconds``). FLOPs are the
     model's own count for the batch shape (`SCAIL2Module.training_flops_per_batch`: forward + backward, 3x the
     forward for pretraining); activation recomputation is not counted (MFU, not hardware utilisation).
 
@@ -36,31 +39,33 @@ class ThroughputMonitor(Callback):
         self.peak_flops = peak_flops
         self.window = window
         self._times: deque[tuple[float, int, int, float]] = deque(maxlen=window)
-        self._start: float | None = None
-        self._prev_end: float | None = None
-        self._prev_step = -1
+        # Clock and evaluation time at the start of the current batch, and at the end of the previous one.
+        self._start: tuple[float, float] | None = None
+        self._prev_end: tuple[float, float] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._times.clear()
         self._prev_end = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        validated = getattr(pl_module, "_last_val_step", None) == self._prev_step
-        # After a validation the gap since the previous batch is validation time: count only this batch.
-        self._start = self._prev_end if (self._prev_end is not None and not validated) else now
+        if self._prev_end is None:
+            self._start = (time.perf_counter(), evaluation_seconds(trainer))
+        else:
+            self._start = self._prev_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        end = time.perf_counter()
+        end = (time.perf_counter(), evaluation_seconds(trainer))
         assert self._start is not None
+        # Evaluations between the two points (in this batch's hooks or the previous one's) are not training time.
+        elapsed = (end[0] - self._start[0]) - (end[1] - self._start[1])
         world = trainer.world_size
         # Ranks that share a sequence (sequence parallelism) read the same samples: count data-parallel replicas.
         replicas = (trainer.distributed_sampler_kwargs or {"num_replicas": world})["num_replicas"]
         mb = pl_module.motion_batch(batch)
         self._times.append(
-            (end - self._start, mb.batch_size * replicas, pl_module.tokens_per_batch(batch) * world, pl_module.training_flops_per_batch(batch))
+            (elapsed, mb.batch_size * replicas, pl_module.tokens_per_batch(batch) * world, pl_module.training_flops_per_batch(batch))
         )
-        self._prev_end, self._prev_step = end, trainer.global_step
+        self._prev_end = end
         seconds = sum(t[0] for t in self._times)
         if seconds <= 0:
             return

@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import Callback
+
+from scail2.utils.dtypes import DTYPES as _DTYPES
 
 log = logging.getLogger("scail2.train")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRAINING_RECORD = "training.json"
 RECORD_FORMAT = 1
 ENCODERS_MODES: tuple[str, ...] = ("copy", "relative")

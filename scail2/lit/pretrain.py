@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 from scail2.data.batch import MotionBatch
 from scail2.lit.base import SCAIL2Module, StepOutput
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss
@@ -19,9 +21,9 @@ class PretrainModule(SCAIL2Module):
             raise TypeError(f"PretrainModule needs a FlowMatchingConfig objective, got {type(self.objective).__name__}")
         super().setup(stage)
 
-    def compute_loss(self, batch: MotionBatch) -> StepOutput:
-        assert self.net is not None and self.generator is not None
-        out = flow_matching_loss(self.net, batch, self.generator, self.objective)
+    def compute_loss(self, batch: MotionBatch, generator: torch.Generator) -> StepOutput:
+        assert self.net is not None
+        out = flow_matching_loss(self.net, batch, generator, self.objective)
         return StepOutput(out.loss, {"sigma_mean": out.sigma.mean()})
 
 

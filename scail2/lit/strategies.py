@@ -30,8 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStra
 from scail2.models.attention import DEFAULT_BACKEND
 from scail2.models.parallelize import Parallelized, parallelize
 from scail2.models.wan import WanModel
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from scail2.utils.dtypes import DTYPES as _DTYPES
 
 
 def _dtype(name: str | None, what: str) -> torch.dtype | None:

@@ -1,6 +1,8 @@
 """Validation sampling during training: a fixed batch is denoised from fixed noise and compared to its targets.
 
-The denoising loop is inference's own (`scail2.pipeline.sampling.sample_latents`, the loop
+`SampleValidation` is the callback that runs it (an `Evaluation`: its time is not counted as training time);
+`SCAIL2Module` attaches it when its ``validation`` argument is set. The batch is the data module's
+(``validation_batch``: items of the training set, each with a fixed seed). The denoising loop is inference's own (`scail2.pipeline.sampling.sample_latents`, the loop
 ``SCAIL2Pipeline`` runs), on the batch's encoded conditioning. Metrics:
 
 - ``val/latent_mse``: mean squared error between sampled and target latents (VAE-normalised, so 1.0 is the
@@ -16,7 +18,6 @@ Files (global rank 0): ``<run_dir>/validation/step_NNNNNNN/sample_K.mp4`` (targe
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from scail2.data.batch import MotionBatch
+from scail2.lit.evaluation import Evaluation, model_in_eval
 
 
 @dataclass(frozen=True)
@@ -70,24 +72,6 @@ class ValidationResult:
     metrics: dict[str, float]
     folder: Path | None  # the written files (global rank 0 with a VAE), else None
     files: list[Path]
-
-
-def validation_batch(dataset: Any, num_samples: int, seed: int) -> MotionBatch:
-    """A fixed batch from a data module's dataset: up to ``num_samples`` items of its most common bucket,
-    spread evenly over that bucket's items, each loaded with its own fixed seed; ``null_text`` attached."""
-    from scail2.data.latents import collate_samples
-    from scail2.data.sampling import SampleKey
-
-    buckets = list(dataset.item_buckets)
-    if not buckets:
-        raise ValueError("the training dataset has no items to validate on")
-    bucket = Counter(buckets).most_common(1)[0][0]
-    items = [i for i, b in enumerate(buckets) if b == bucket]
-    n = min(num_samples, len(items))
-    chosen = [items[(k * len(items)) // n] for k in range(n)]
-    batch = collate_samples([dataset[SampleKey(item, seed + k)] for k, item in enumerate(chosen)])
-    batch.null_text = dataset.null_text()
-    return batch
 
 
 def load_vae(path: str | Path, device: torch.device) -> Any:
@@ -170,3 +154,82 @@ def psnr_db(samples: torch.Tensor, targets: torch.Tensor) -> float:
 
     value = psnr(samples, targets).mean
     return float(value) if math.isfinite(value) else float("nan")
+
+
+class SampleValidation(Evaluation):
+    """Samples the fixed validation batch before training (step 0 of a fresh run), every
+    ``cfg.every_n_steps`` optimizer steps and at the last step, computes the metrics, writes and logs the media.
+
+    Every rank samples (a sharded model needs all ranks in its forward passes); global rank 0 decodes, writes
+    and logs. ``history``: one `ValidationResult` per validation of this run.
+    """
+
+    def __init__(self, cfg: ValidationConfig):
+        super().__init__()
+        self.cfg = cfg
+        # The fixed batch, the decoder and the decoded targets, made once. Held here, so that the decoder is
+        # no part of the module (it must not enter checkpoints, the optimizer or DDP).
+        self._batch: MotionBatch | None = None
+        self._vae: Any = None
+        self._targets: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.cfg.before_training and pl_module.global_step == 0 and not trainer.fast_dev_run:
+            self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step, cfg = trainer.global_step, self.cfg
+        if trainer.fast_dev_run or self.last_step == step:
+            return
+        last = trainer.max_steps > 0 and step >= trainer.max_steps
+        periodic = cfg.every_n_steps > 0 and step > 0 and step % cfg.every_n_steps == 0
+        if periodic or (last and cfg.after_training):
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.cfg.after_training and not trainer.fast_dev_run and self.last_step != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    def _fixed_batch(self, trainer: Any) -> MotionBatch:
+        if self._batch is None:
+            dm = trainer.datamodule
+            make = getattr(dm, "validation_batch", None)
+            if make is None:
+                raise ValueError(
+                    f"validation sampling draws its batch from the data module's `validation_batch`; this data "
+                    f"module ({type(dm).__name__}) has none: set module.validation=null"
+                )
+            self._batch = make(self.cfg.num_samples, self.cfg.seed)
+        return self._batch
+
+    @torch.no_grad()
+    def run(self, trainer: Any, pl_module: Any) -> ValidationResult:
+        """Sample, measure, write and log one validation at the current step; returns its result."""
+        from scail2.lit.tracking import log_artifacts
+
+        cfg, step = self.cfg, trainer.global_step
+        self.last_step = step
+        with self.timed():
+            batch = self._fixed_batch(trainer).to(pl_module.device)
+            with model_in_eval(trainer, pl_module.net):
+                samples = sample_validation_latents(pl_module.net, batch, cfg)
+                # The training objective with a fixed noise seed (the training generator is left untouched).
+                fm_loss = pl_module.compute_loss(batch, torch.Generator().manual_seed(cfg.seed)).loss.detach()
+            metrics = {"val/latent_mse": float(latent_mse(samples, batch.latents).mean()), "val/fm_loss": float(fm_loss)}
+            folder, files = None, []
+            if trainer.global_rank == 0 and cfg.vae is not None:
+                if self._vae is None:
+                    self._vae = load_vae(cfg.vae, pl_module.device)
+                decoded = decode_videos(self._vae, samples)
+                if self._targets is None:
+                    self._targets = decode_videos(self._vae, batch.latents.float())
+                metrics["val/psnr"] = psnr_db(decoded, self._targets)
+                folder = Path(trainer.default_root_dir) / "validation" / f"step_{step:07d}"
+                files = write_media(folder, decoded, self._targets, list(batch.meta.get("ids", [])), cfg.fps, cfg.grid_frames)
+            result = ValidationResult(step, metrics, folder, files)
+            self.history.append(result)
+            self.publish(trainer, "validation", metrics)
+            if folder is not None:  # written on global rank 0 only
+                for logger in trainer.loggers:
+                    log_artifacts(logger, folder, f"validation/step_{step:07d}")
+        return result

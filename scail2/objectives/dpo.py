@@ -7,9 +7,12 @@ samples' hand masks on the latent grid,
     L_dpo     = -log sigmoid(-beta/2 * [(err(theta, w) - err(ref, w)) - (err(theta, l) - err(ref, l))])
     L         = L_dpo + lambda * L_sft(w)
 
-where ``L_sft`` is the plain flow-matching loss of the winner (whole frame, history/OCR excluded as in
-pretraining), computed from the same policy prediction. The reference is the pre-DPO model: with LoRA,
-the same network with its adapters disabled (no second copy).
+where ``L_sft`` is the plain flow-matching loss of the winner (whole frame, weighted by the flow-matching
+loss mask, `scail2.objectives.flow_matching.loss_mask`, so OCR regions follow ``sigma.exclude_ocr`` as in
+pretraining), computed from the same policy prediction. The reference is the pre-DPO model; the caller
+passes its velocity prediction (a `VelocityFn`, made with `model_velocity`): a frozen copy, or, with LoRA,
+the same network with its adapters disabled (``model_velocity(model, within=scail2.lora.adapters_disabled)``:
+no second copy; the DPO LightningModule, which owns the adapters, does this).
 
 beta, lambda and the learning rate are not published. Defaults: beta = 5000 (Diffusion-DPO's value for
 per-element mean errors), lambda = 1.0. No history frames and no text dropout are used (preference clips
@@ -18,24 +21,35 @@ are scored as whole clips with their captions).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from scail2.conditioning.batch import PreferenceBatch
+from scail2.conditioning.condition import Condition
 from scail2.conditioning.packing import history_mask
-from scail2.objectives.flow_matching import FlowMatchingConfig, noisy_latents, predict_velocity, sample_sigma
+from scail2.objectives.flow_matching import (
+    FlowMatchingConfig,
+    loss_mask,
+    noisy_latents,
+    predict_velocity,
+    sample_sigma,
+    weighted_error,
+)
+
+# A network's velocity prediction: (cond, noisy latents x_s, history mask, sigma) -> (B, 16, T, h, w).
+VelocityFn = Callable[[Condition, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class DPOConfig:
     beta: float = 5000.0
     sft_weight: float = 1.0  # lambda
-    sigma: FlowMatchingConfig = FlowMatchingConfig()  # timestep distribution and shift (shared with pretraining)
+    sigma: FlowMatchingConfig = FlowMatchingConfig()  # timestep distribution, shift and loss mask (shared with pretraining)
 
     def __post_init__(self) -> None:
         if isinstance(self.sigma, Mapping):  # from a config file
@@ -62,9 +76,66 @@ class DPOOutput:
     sigma: torch.Tensor  # (B,)
 
 
+@dataclass
+class NoisedPair:
+    """Winner and loser noised with one draw of noise and timestep, stacked winner then loser (2B)."""
+
+    sigma: torch.Tensor  # (B,) shared noise level s'
+    x_s: torch.Tensor  # (2B, 16, T, h, w) noisy latents
+    history: torch.Tensor  # (2B, 1, T, 1, 1) history mask (no history frames in DPO)
+    target: torch.Tensor  # (2B, 16, T, h, w) velocity targets eps - x0
+    cond: Condition  # the shared condition, repeated for both halves
+
+    @property
+    def sigma2(self) -> torch.Tensor:
+        """(2B,) the noise level of every row of ``x_s``."""
+        return torch.cat([self.sigma, self.sigma])
+
+
+def model_velocity(
+    model: torch.nn.Module, within: Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]] | None = None
+) -> VelocityFn:
+    """The `VelocityFn` of ``model`` (e.g. a frozen reference copy); with ``within``, of the network that
+    ``within(model)`` yields, entered for every prediction (e.g. `scail2.lora.adapters_disabled`: the base of a
+    LoRA model, the DPO reference without a second copy)."""
+    if within is None:
+        return partial(predict_velocity, model)
+
+    def velocity(cond: Condition, x_s: torch.Tensor, hist: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with within(model) as net:
+            return predict_velocity(net, cond, x_s, hist, sigma)
+
+    return velocity
+
+
 def masked_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) mean over C*T*H*W of (mask * (pred - target))^2; masked zeros stay in the denominator."""
     return (mask * (pred.float() - target.float())).pow(2).mean(dim=(1, 2, 3, 4))
+
+
+def noise_pair(
+    batch: PreferenceBatch, generator: torch.Generator, cfg: FlowMatchingConfig, patch_size: tuple[int, int, int]
+) -> NoisedPair:
+    """Draw one noise level per pair and one noise tensor shared by winner and loser (in this order, from
+    ``generator``), and noise both videos with them."""
+    x_w, x_l = batch.winner.latents, batch.loser_latents
+    b, _, t, h, w = x_w.shape
+    device = x_w.device
+    _, ph, pw = patch_size
+    sigma = sample_sigma(b, (h // ph) * (w // pw), generator, cfg, device)
+    noise = torch.randn(x_w.shape, generator=generator).to(device=device, dtype=x_w.dtype)
+    hist = history_mask(2 * b, t, False, device=device, dtype=x_w.dtype)
+    x_s = torch.cat([noisy_latents(x_w, noise, sigma, hist[:b]), noisy_latents(x_l, noise, sigma, hist[b:])])
+    target = torch.cat([noise - x_w, noise - x_l])
+    return NoisedPair(sigma, x_s, hist, target, batch.winner.cond.repeat(2))
+
+
+def preference_logits(err: torch.Tensor, err_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B,) -beta/2 * [(err(theta, w) - err(ref, w)) - (err(theta, l) - err(ref, l))] from the (2B,) hand-region
+    errors of policy and reference (winner rows first); > 0 where the policy prefers the winner more."""
+    b = err.shape[0] // 2
+    inside = (err[:b] - err_ref[:b]) - (err[b:] - err_ref[b:])
+    return -0.5 * beta * inside
 
 
 def dpo_loss(
@@ -72,61 +143,36 @@ def dpo_loss(
     batch: PreferenceBatch,
     generator: torch.Generator,
     cfg: DPOConfig = DPOConfig(),
-    reference: Callable[[torch.nn.Module], ContextManager[torch.nn.Module]] | torch.nn.Module | None = None,
+    *,
+    reference: VelocityFn,
 ) -> DPOOutput:
-    """One Bias-Aware DPO evaluation.
-
-    ``reference``: a frozen reference model, or a context-manager factory that turns ``model`` into the
-    reference (default: :func:`scail2.lora.adapters_disabled`).
-    """
-    w = batch.winner
-    x_w, x_l = w.latents, batch.loser_latents
-    b, _, t, h, wd = x_w.shape
-    device = x_w.device
-    pt, ph, pw = model.config.patch_size
-    sigma = sample_sigma(b, (h // ph) * (wd // pw), generator, cfg.sigma, device)
-    noise = torch.randn(x_w.shape, generator=generator).to(device=device, dtype=x_w.dtype)
-    hist = history_mask(2 * b, t, False, device=device, dtype=x_w.dtype)
-    sig2 = torch.cat([sigma, sigma])
-    x_s = torch.cat([noisy_latents(x_w, noise, sigma, hist[:b]), noisy_latents(x_l, noise, sigma, hist[b:])])
-    both = w.cond.repeat(2)  # winner then loser: one condition
-    target = torch.cat([noise - x_w, noise - x_l])
-
-    pred = predict_velocity(model, both, x_s, hist, sig2)
+    """One Bias-Aware DPO evaluation of the policy ``model`` against the ``reference`` prediction (run without
+    gradients: the reference is frozen)."""
+    b = batch.batch_size
+    pair = noise_pair(batch, generator, cfg.sigma, model.config.patch_size)
+    pred = predict_velocity(model, pair.cond, pair.x_s, pair.history, pair.sigma2)
     with torch.no_grad():
-        if reference is None:
-            from scail2.lora import adapters_disabled
+        pred_ref = reference(pair.cond, pair.x_s, pair.history, pair.sigma2)
 
-            ctx = adapters_disabled(model)
-        elif isinstance(reference, torch.nn.Module):
-            ctx = contextlib.nullcontext(reference)
-        else:
-            ctx = reference(model)
-        with ctx as ref_model:
-            pred_ref = predict_velocity(ref_model, both, x_s, hist, sig2)
-
-    hands = batch.hand_union().to(device)
+    hands = batch.hand_union().to(pair.x_s.device)
     m = torch.cat([hands, hands])
-    err = masked_error(pred, target, m)
-    err_ref = masked_error(pred_ref, target, m)
-    err_w, err_l, ref_w, ref_l = err[:b], err[b:], err_ref[:b], err_ref[b:]
-    inside = (err_w - ref_w) - (err_l - ref_l)
-    logits = -0.5 * cfg.beta * inside
+    err = masked_error(pred, pair.target, m)
+    err_ref = masked_error(pred_ref, pair.target, m)
+    logits = preference_logits(err, err_ref, cfg.beta)
     l_dpo = -F.logsigmoid(logits).mean()
 
-    sft_weight = (1 - hist[:b]).expand(-1, 1, -1, h, wd)
-    if w.ocr_mask is not None:
-        sft_weight = sft_weight * (1 - w.ocr_mask.float())
-    l_sft = ((pred[:b].float() - target[:b].float()).pow(2) * sft_weight).mean(dim=(1, 2, 3, 4)).mean()
+    # The SFT anchor: the winner's flow-matching loss under pretraining's loss mask.
+    weight = loss_mask(batch.winner, pair.history[:b], cfg.sigma.exclude_ocr)
+    l_sft = weighted_error(pred[:b], pair.target[:b], weight).mean()
     return DPOOutput(
         loss=l_dpo + cfg.sft_weight * l_sft,
         dpo_loss=l_dpo,
         sft_loss=l_sft,
         implicit_accuracy=(logits > 0).float().mean() + 0.5 * (logits == 0).float().mean(),
         reward_margin=logits.mean().detach(),
-        err_policy_w=err_w.detach(),
-        err_policy_l=err_l.detach(),
-        err_ref_w=ref_w,
-        err_ref_l=ref_l,
-        sigma=sigma,
+        err_policy_w=err[:b].detach(),
+        err_policy_l=err[b:].detach(),
+        err_ref_w=err_ref[:b],
+        err_ref_l=err_ref[b:],
+        sigma=pair.sigma,
     )

@@ -86,6 +86,11 @@ def loss_mask(batch: MotionBatch, hist: torch.Tensor, exclude_ocr: bool = True) 
     return m
 
 
+def weighted_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over C*T*H*W of (pred - target)^2 * weight (a `loss_mask`); masked zeros stay in the denominator."""
+    return ((pred.float() - target.float()).pow(2) * weight).mean(dim=(1, 2, 3, 4))
+
+
 def choose_text(batch: MotionBatch, drop: torch.Tensor) -> torch.Tensor:
     """(B, L, text_dim) the captions' embeddings, with umT5 of "" where ``drop`` (text dropout)."""
     text = batch.cond.text
@@ -116,5 +121,5 @@ def flow_matching_loss(
     pred = predict_velocity(model, replace(batch.cond, text=choose_text(batch, drop)), x_s, hist, sigma)
     target = noise - x0
     weight = loss_mask(batch, hist, cfg.exclude_ocr)
-    per_sample = ((pred.float() - target.float()).pow(2) * weight).mean(dim=(1, 2, 3, 4))
+    per_sample = weighted_error(pred, target, weight)
     return FlowMatchingOutput(per_sample.mean(), per_sample, sigma, keep, drop, pred, target)

@@ -44,13 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from scail2.conditioning.condition import MODES
-from scail2.conditioning.encode import to_unit
 from scail2.conditioning.masks import (
+    SIZE_MULTIPLE,
     character_masks_to_colour,
     character_order,
     check_spatial_size,
     palette_violation_fraction,
 )
+from scail2.conditioning.pixels import to_uint8, to_unit
 from scail2.pipeline.segments import OVERLAP_FRAMES, SEGMENT_FRAMES, SegmentPlan, plan_segments
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 PALETTE_TOLERANCE = 0.05
 DEFAULT_FPS = 16.0  # the training frame rate, used when the driving video's rate is unknown
 DEFAULT_AREA = 512 * 896  # pixels of the default resolution: the 512p training bucket
-SIZE_MULTIPLE = 32
 _RESIZE_CHUNK = 32  # frames resized at once, bounding the float32 working memory
 _RANGE_SLACK = 1e-3
 
@@ -276,7 +276,7 @@ def _colour_video(masks: torch.Tensor, mode: str, order: list[int], reference: b
     chunks = []
     for part in masks.split(_RESIZE_CHUNK, dim=1):
         colour = character_masks_to_colour(part, mode, order, reference=reference)  # (f, 3, H, W) in {-1, 1}
-        chunks.append(((colour + 1) * 127.5).round().to(torch.uint8))
+        chunks.append(to_uint8(colour))
     return torch.cat(chunks)
 
 
@@ -352,6 +352,50 @@ def prepare_inputs(
         fps: output frame rate; default the driving video's, else 16.
         palette_tolerance: largest fraction of off-palette pixels accepted in colour masks.
     """
+    colour_given = _check_mask_arguments(mode, reference_mask, driving_mask, character_masks, reference_character_masks)
+    reference = load_image(reference_image, "reference image")
+    driving, video_fps = load_video(driving_video, "driving video")
+    height, width = _output_size(reference, height, width)
+    plan = _segment_plan(driving.shape[0], num_frames, segment_frames, overlap_frames)
+    frames_out = plan.segments[-1].stop  # frames the segments cover (from frame 0)
+
+    # The reference side in floating point, the driving side in its own dtype (SPEC §3, official inference).
+    ref_small = resize_cover(to_unit(reference)[None], height, width)[0]
+    drive_small = resize_cover(driving[:frames_out], height, width)
+
+    ref_mask = drive_mask = None
+    perm = None
+    if colour_given:
+        ref_mask, drive_mask = _colour_masks(
+            reference_mask, driving_mask, reference, driving, frames_out, height, width, palette_tolerance
+        )
+    elif character_masks is not None:
+        ref_mask, drive_mask, perm = _drawn_masks(
+            character_masks, reference_character_masks, reference, driving, frames_out, height, width, mode, order
+        )
+    extras, extra_masks = _extra_references(
+        extra_reference_images, extra_reference_masks, height, width, palette_tolerance
+    )
+
+    return PreparedInputs(
+        reference=ref_small,
+        driving=drive_small,
+        reference_mask=ref_mask,
+        driving_mask=drive_mask,
+        mode=mode,
+        plan=plan,
+        fps=float(fps or video_fps or DEFAULT_FPS),
+        character_order=perm,
+        extra_references=extras,
+        extra_reference_masks=extra_masks,
+    )
+
+
+def _check_mask_arguments(
+    mode: str, reference_mask: Any, driving_mask: Any, character_masks: Any, reference_character_masks: Any
+) -> bool:
+    """Check the mode and which masks are given (colour masks in pairs, per-character masks in pairs, not both;
+    replacement needs one kind); returns whether colour masks are given."""
     if mode not in MODES:
         raise PipelineInputError(f"mode is {mode!r}; use one of {MODES}")
     colour_given = (reference_mask is not None, driving_mask is not None)
@@ -371,10 +415,11 @@ def prepare_inputs(
             "replacement mode needs masks (the white environment switch tells where the driving scene stays "
             "visible): pass reference_mask + driving_mask or character_masks + reference_character_masks"
         )
+    return all(colour_given)
 
-    reference = load_image(reference_image, "reference image")
-    driving, video_fps = load_video(driving_video, "driving video")
-    total = driving.shape[0]
+
+def _output_size(reference: torch.Tensor, height: int | None, width: int | None) -> tuple[int, int]:
+    """The output size: as given (both, multiples of 32), or the reference's aspect ratio at the default area."""
     if height is None and width is None:
         height, width = default_resolution(*reference.shape[-2:])
     elif height is None or width is None:
@@ -383,7 +428,12 @@ def prepare_inputs(
         check_spatial_size(height, width, "output")
     except ValueError as exc:
         raise PipelineInputError(str(exc)) from None
+    return height, width
 
+
+def _segment_plan(total: int, num_frames: int | None, segment_frames: int, overlap_frames: int) -> SegmentPlan:
+    """The segments that cover the first ``num_frames`` (default: all ``total``) driving frames; the frames they
+    cannot cover are dropped with a warning."""
     if num_frames is not None:
         if not 1 <= num_frames <= total:
             raise PipelineInputError(
@@ -405,38 +455,7 @@ def prepare_inputs(
             "the driving video has %d frames; generating %d (%s), the last %d are dropped",
             used, plan.output_frames, rule, plan.dropped_frames,
         )
-    frames_out = plan.segments[-1].stop  # frames the segments cover (from frame 0)
-
-    # The reference side in floating point, the driving side in its own dtype (SPEC §3, official inference).
-    ref_small = resize_cover(to_unit(reference)[None], height, width)[0]
-    drive_small = resize_cover(driving[:frames_out], height, width)
-
-    ref_mask = drive_mask = None
-    perm = None
-    if any(colour_given):
-        ref_mask, drive_mask = _colour_masks(
-            reference_mask, driving_mask, reference, driving, frames_out, height, width, palette_tolerance
-        )
-    elif any(binary_given):
-        ref_mask, drive_mask, perm = _drawn_masks(
-            character_masks, reference_character_masks, reference, driving, frames_out, height, width, mode, order
-        )
-    extras, extra_masks = _extra_references(
-        extra_reference_images, extra_reference_masks, height, width, palette_tolerance
-    )
-
-    return PreparedInputs(
-        reference=ref_small,
-        driving=drive_small,
-        reference_mask=ref_mask,
-        driving_mask=drive_mask,
-        mode=mode,
-        plan=plan,
-        fps=float(fps or video_fps or DEFAULT_FPS),
-        character_order=perm,
-        extra_references=extras,
-        extra_reference_masks=extra_masks,
-    )
+    return plan
 
 
 def _colour_masks(

@@ -24,12 +24,14 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scail2.conditioning import pixels
 from scail2.conditioning.condition import Condition
 from scail2.conditioning.encode import encode_caption, encode_condition, encode_driving
 from scail2.pipeline.inputs import PreparedInputs, prepare_inputs
@@ -79,8 +81,7 @@ class SCAIL2Output:
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(F, 3, H, W) float in [-1, 1] -> uint8 (F, H, W, 3)."""
-    x = ((frames.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return pixels.to_uint8(frames.cpu()).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class SCAIL2Pipeline:
@@ -506,55 +507,54 @@ class SCAIL2Pipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type is {output_type!r}; use one of {OUTPUT_TYPES}")
-        if generator is not None and seed is not None:
-            raise ValueError("pass either seed or generator, not both")
-        if generator is None:
-            if seed is None:
-                seed = secrets.randbits(31)
-                if self.sequence_parallel is not None:  # one seed for the whole group
-                    seed_t = torch.tensor([seed], dtype=torch.int64, device=self.device)
-                    self.sequence_parallel.broadcast_([seed_t])
-                    seed = int(seed_t.item())
-            seed = int(seed)
-            generator = torch.Generator().manual_seed(seed)
-
-        use_cfg = guidance_scale != 1.0
+        generator, seed = _noise_generator(seed, generator, self.sequence_parallel, self.device)
         cond = self.encode_condition(inputs, prompt)
-        negative = self.encode_prompt([negative_prompt]) if use_cfg else None
-
-        plan = inputs.plan
-        history = None
+        negative = self.encode_prompt([negative_prompt]) if guidance_scale != 1.0 else None
+        sample = partial(
+            self.sample_latents,
+            negative_text=negative,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            shift=shift,
+            generator=generator,
+            progress=progress,
+        )
         frames_out: list[np.ndarray | torch.Tensor] = []
         segment_latents = []
-        for index in range(len(plan.segments)):
-            segment = plan.segments[index]
-            if index > 0:
-                cond = self.segment_condition(cond, inputs, index)
-            offset = index * num_inference_steps
-            callback = None
-            if callback_on_step_end is not None:
-                callback = lambda i, ts, z, offset=offset: callback_on_step_end(self, offset + i, ts, z)  # noqa: E731
-            latents = self.sample_latents(
-                cond,
-                negative_text=negative,
-                history=history,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                shift=shift,
-                generator=generator,
-                callback=callback,
-                progress=progress,
-                progress_desc=f"segment {index + 1}/{len(plan.segments)}",
-            )
+        for index, latents, video in self._denoise_segments(inputs, cond, sample, num_inference_steps, callback_on_step_end):
             segment_latents.append(latents.float().cpu())
-            video = self.decode(latents)  # (S, 3, H, W) float32 [-1, 1]
-            if index + 1 < len(plan.segments):
-                # The next segment starts on these frames: their re-encoded latents are its clean history.
-                history = self.encode_video(video[-plan.overlap_frames :])
-            kept = video[segment.keep_from :]
+            kept = video[inputs.plan.segments[index].keep_from :]
             frames_out.append(kept if output_type == "pt" else to_uint8(kept))
         frames = torch.cat(frames_out) if output_type == "pt" else np.concatenate(frames_out)
-        return SCAIL2Output(frames=frames, fps=inputs.fps, seed=seed, plan=plan, latents=segment_latents)
+        return SCAIL2Output(frames=frames, fps=inputs.fps, seed=seed, plan=inputs.plan, latents=segment_latents)
+
+    def _denoise_segments(
+        self,
+        inputs: PreparedInputs,
+        cond: Condition,
+        sample: Callable[..., torch.Tensor],
+        steps_per_segment: int,
+        callback_on_step_end: StepEndCallback | None,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(segment index, sampled latents, decoded frames (S, 3, H, W) float32 in [-1, 1]) for every segment in
+        order. Segment i > 0 is conditioned on its own driving frames and on clean history: the re-encoded last
+        ``overlap_frames`` decoded frames of segment i - 1."""
+        plan = inputs.plan
+        history = None
+        for index in range(len(plan.segments)):
+            if index > 0:
+                cond = self.segment_condition(cond, inputs, index)
+            callback = None
+            if callback_on_step_end is not None:
+                offset = index * steps_per_segment  # steps count over all segments
+                callback = lambda i, ts, z, offset=offset: callback_on_step_end(self, offset + i, ts, z)  # noqa: E731
+            latents = sample(
+                cond, history=history, callback=callback, progress_desc=f"segment {index + 1}/{len(plan.segments)}"
+            )
+            video = self.decode(latents)
+            if index + 1 < len(plan.segments):
+                history = self.encode_video(video[-plan.overlap_frames :])
+            yield index, latents, video
 
     def __call__(
         self,
@@ -608,6 +608,26 @@ class SCAIL2Pipeline:
             **segments,
         )
         return self.generate(prepared, **generate_kwargs)
+
+
+def _noise_generator(
+    seed: int | None, generator: torch.Generator | None, sequence_parallel: Any = None, device: Any = None
+) -> tuple[torch.Generator, int | None]:
+    """The noise RNG and the seed to report: ``generator`` as given (seed None), or a CPU generator seeded with
+    ``seed`` (a random one when neither is given; under ``sequence_parallel``, rank 0's random seed is broadcast
+    on ``device`` so that the whole group draws the same noise)."""
+    if generator is not None and seed is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None:
+        return generator, None
+    if seed is None:
+        seed = secrets.randbits(31)
+        if sequence_parallel is not None:  # one seed for the whole group
+            seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+            sequence_parallel.broadcast_([seed_t])
+            seed = int(seed_t.item())
+    seed = int(seed)
+    return torch.Generator().manual_seed(seed), seed
 
 
 def _processor_config(pre: Any) -> dict[str, Any]:

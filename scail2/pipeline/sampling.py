@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scail2.conditioning.condition import Condition
-from scail2.conditioning.packing import pack_inputs, with_mask_channels
+from scail2.conditioning.packing import history_mask, pack_inputs, with_mask_channels
 from scail2.pipeline.schedulers import check_flow_scheduler, set_schedule
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -38,12 +38,6 @@ def _param(module: torch.nn.Module) -> torch.Tensor:
         return next(module.parameters())
     except StopIteration:
         raise ValueError(f"{type(module).__name__} has no parameters to take its device and dtype from") from None
-
-
-def history_frames_mask(batch: int, frames: int, history_frames: int, device=None) -> torch.Tensor:
-    """(B, 1, T, 1, 1) float32: 1 on the first ``history_frames`` latent frames (clean history), else 0."""
-    mask = (torch.arange(frames, device=device) < history_frames).to(torch.float32)
-    return mask.view(1, 1, frames, 1, 1).expand(batch, 1, frames, 1, 1)
 
 
 def initial_noise(
@@ -126,7 +120,7 @@ def sample_latents(
             )
         history = history.to(device=device, dtype=torch.float32)
     t_h = 0 if history is None else history.shape[2]
-    hist_mask = history_frames_mask(b, t, t_h, device)
+    hist_mask = history_mask(b, t, True, device, history_frames=t_h)
 
     def clean_history(z: torch.Tensor) -> torch.Tensor:
         # The history frames are known: they replace whatever the noise or the solver put there.

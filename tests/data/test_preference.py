@@ -341,9 +341,9 @@ def test_lightning_resumes_mid_epoch(cache, tmp_path):
 
 
 def test_dpo_loss_runs_on_a_preference_batch(built):
-    from scail2.lora import LoRASpec, add_lora
+    from scail2.lora import LoRASpec, adapters_disabled, add_lora
     from scail2.models import SCAIL2Transformer, scail2_config
-    from scail2.objectives.dpo import dpo_loss
+    from scail2.objectives.dpo import dpo_loss, model_velocity
     from scail2.testing import randomize_
 
     dataset = PreferencePairDataset(load_preference_manifest(built), [BUCKET], encoders=tiny_encoders())
@@ -354,7 +354,7 @@ def test_dpo_loss_runs_on_a_preference_batch(built):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    out = dpo_loss(model, batch, torch.Generator().manual_seed(0))
+    out = dpo_loss(model, batch, torch.Generator().manual_seed(0), reference=model_velocity(model, within=adapters_disabled))
     assert torch.isfinite(out.loss) and out.err_ref_w.shape == (2,) and (out.err_policy_w > 0).all()
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]

@@ -1,4 +1,4 @@
-"""Callbacks and data modules the training tests inject from Python."""
+"""Callbacks, loggers and data modules the training tests inject from Python."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 
 class LossRecorder(Callback):
@@ -88,3 +89,50 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     for i in sa:
         for name, value in sa[i].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[i][name])), (i, name)
+
+
+class FakeClock:
+    """Stands for ``time.perf_counter``: advanced only by `ChargeForwards`, so durations are exact numbers."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ChargeForwards(Callback):
+    """Every forward of the network advances the clock: 1 s in training mode, ``eval_seconds`` in eval mode
+    (evaluations run the network in eval mode), so a step's true time is known and an evaluation is slow."""
+
+    def __init__(self, clock: FakeClock, eval_seconds: float) -> None:
+        self.clock, self.eval_seconds = clock, eval_seconds
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def charge(module, args, kwargs):
+            self.clock.now += 1.0 if module.training else self.eval_seconds
+
+        pl_module.net.register_forward_pre_hook(charge, with_kwargs=True)
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged metric: {name: [(step, value), ...]}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, list[tuple[int, float]]] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((step, float(value)))

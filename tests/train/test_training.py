@@ -18,7 +18,7 @@ from scail2.config import instantiate
 from scail2.train import train
 
 from .conftest import compose_run, train_overrides
-from .helpers import FixedBatches, LossRecorder, StateAround, assert_same_state
+from .helpers import ChargeForwards, FakeClock, FixedBatches, LossRecorder, MemoryLogger, StateAround, assert_same_state
 
 GOLDEN = Path(__file__).with_name("golden_loss.json")
 QUIET = (
@@ -90,6 +90,27 @@ def test_nonfinite_skip_mode_counts_and_leaves_weights_untouched(data_root, tmp_
     assert state.module.nonfinite_skips == 1
     assert not math.isfinite(losses.losses[2]) and all(math.isfinite(x) for i, x in enumerate(losses.losses) if i != 2)
     assert_same_state(state.before, state.after)
+
+
+def test_validation_sampling_does_not_count_as_training_time(data_root, tmp_path, monkeypatch):
+    """perf/step_time_s counts the training steps alone: validations (at steps 0, 2 and 4, 100x slower per
+    forward than training) add nothing to it."""
+    import time
+
+    from scail2.lit.evaluation import evaluation_history
+    from scail2.lit.validation import SampleValidation
+    from scail2.train import build_module, build_trainer
+
+    cfg = compose_run(data_root, tmp_path, *QUIET, "trainer.max_steps=4", "module.validation.num_samples=1",
+                      "module.validation.num_inference_steps=1", "module.validation.every_n_steps=2",
+                      "callbacks.throughput.window=1")  # fmt: skip
+    clock, logger = FakeClock(), MemoryLogger()
+    trainer = build_trainer(cfg, extra_callbacks=[ChargeForwards(clock, eval_seconds=100.0)])
+    trainer.loggers = [logger]
+    monkeypatch.setattr(time, "perf_counter", clock)
+    trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data, "data"))
+    assert [v.step for v in evaluation_history(trainer, SampleValidation)] == [0, 2, 4]
+    assert [v for _, v in logger.metrics["perf/step_time_s"]] == [1.0] * 4  # one training forward per step
 
 
 def test_mlflow_run_checkpoints_and_media(data_root, tmp_path, mlflow_uri):

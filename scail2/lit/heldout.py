@@ -1,0 +1,136 @@
+"""Held-out preference evaluation of DPO: implicit accuracy, DPO loss and reward margin on fixed pairs.
+
+`HeldOutPreferences` is the callback (an `Evaluation`: its time is not counted as training time) that
+`scail2.lit.dpo.DPOModule` attaches when its ``heldout`` argument names a set of pairs the run never trains on
+(or, naming none, when the data module has a held-out set of its own: ``heldout_cache_dir``).
+The pairs come from the data layer (`PreferenceDataModule.fixed_batches`): the held-out set of ``heldout``
+and, with ``heldout.training_pairs``, as many pairs of the training data module (``trainpairs/*``: whether the
+optimisation itself works). It measures before training (step 0 of a fresh run), every
+``heldout.every_n_steps`` optimizer steps and after training, each pair under ``heldout.draws`` fixed noise /
+timestep draws (the same ones at every evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from scail2.data.batch import PreferenceBatch
+from scail2.lit.evaluation import Evaluation, model_in_eval
+
+
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """Held-out preference pairs for validation: a cache folder or a manifest (+ encoders); neither: the data
+    module's own held-out set when it has one (``heldout_cache_dir``, e.g. ``data=synthetic_preference``), else
+    no held-out evaluation."""
+
+    cache_dir: str | None = None
+    manifest: str | None = None
+    encoders_root: str | None = None
+    num_pairs: int | None = 16  # distinct pairs measured (a seeded choice); None: every pair of the set
+    batch_size: int = 4
+    seed: int = 4321
+    # Noise / timestep draws per pair: the implicit accuracy of one draw is a coin flip weighted by a small
+    # margin, so each pair is scored under several fixed draws (the same ones at every evaluation).
+    draws: int = 4
+    every_n_steps: int | None = None  # also evaluate every n optimizer steps (always before and after training)
+    training_pairs: bool = False  # also measure num_pairs of the training pairs (``trainpairs/*``)
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            raise ValueError(f"heldout.every_n_steps is {self.every_n_steps}; need at least 1 (or null)")
+        for name in ("num_pairs", "batch_size", "draws"):
+            if (name != "num_pairs" or self.num_pairs is not None) and getattr(self, name) < 1:
+                raise ValueError(f"heldout.{name} is {getattr(self, name)}; need at least 1")
+
+    @property
+    def configured(self) -> bool:
+        """Whether a held-out set is named (a cache folder or a manifest)."""
+        return self.cache_dir is not None or self.manifest is not None
+
+
+class HeldOutPreferences(Evaluation):
+    """Measures a DPO module (``pl_module.preference_loss(batch, generator) -> DPOOutput``) on fixed
+    preference pairs; ``history``: one ``{"step": s, "<set>/<metric>": value, ...}`` per evaluation."""
+
+    def __init__(self, cfg: HeldOutConfig):
+        super().__init__()
+        if not cfg.configured:
+            raise ValueError("HeldOutPreferences needs heldout.cache_dir (a preference cache) or heldout.manifest")
+        self.cfg = cfg
+        self._sets: dict[str, list[PreferenceBatch]] | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.fast_dev_run and trainer.global_step == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n, step = self.cfg.every_n_steps, trainer.global_step
+        if n is None or trainer.fast_dev_run:
+            return
+        # The last step is measured in on_train_end.
+        if step % n == 0 and step != trainer.max_steps and self.last_step != step:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.fast_dev_run and self.last_step != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    def evaluation_sets(self, trainer: Any) -> dict[str, list[PreferenceBatch]]:
+        """``{"heldout": batches}`` (and ``"trainpairs"`` with ``training_pairs``), read once."""
+        if self._sets is None:
+            from scail2.data.preference_data import PreferenceDataModule
+
+            h = self.cfg
+            held = PreferenceDataModule(
+                manifest=h.manifest, cache_dir=h.cache_dir, encoders_root=h.encoders_root, num_workers=0, seed=h.seed
+            )
+            sets = {"heldout": self._batches(held, "held-out")}
+            if h.training_pairs:
+                dm = trainer.datamodule
+                if not isinstance(dm, PreferenceDataModule):
+                    raise ValueError(
+                        f"module.heldout.training_pairs measures pairs of the training data module, which is a "
+                        f"{type(dm).__name__}, not a PreferenceDataModule; set module.heldout.training_pairs=false"
+                    )
+                # The same measurement on pairs the run trains on: whether the optimisation itself works.
+                sets["trainpairs"] = self._batches(dm, "training")
+            self._sets = sets
+        return self._sets
+
+    def _batches(self, dm: Any, what: str) -> list[PreferenceBatch]:
+        h = self.cfg
+        return dm.fixed_batches(h.num_pairs, h.batch_size, h.seed, what, setting="module.heldout.num_pairs")
+
+    @torch.no_grad()
+    def run(self, trainer: Any, pl_module: Any) -> dict[str, float]:
+        """Measure every set at the current step; log and return the metrics."""
+        step = trainer.global_step
+        self.last_step = step
+        with self.timed():
+            sets = self.evaluation_sets(trainer)
+            with model_in_eval(trainer, pl_module.net):
+                metrics = self._measure(sets, pl_module)
+            self.history.append({"step": float(step), **metrics})
+            self.publish(trainer, "held-out", metrics)
+        return metrics
+
+    def _measure(self, sets: dict[str, list[PreferenceBatch]], pl_module: Any) -> dict[str, float]:
+        h = self.cfg
+        metrics: dict[str, float] = {}
+        for name, batches in sets.items():
+            acc, loss, margin, n = 0.0, 0.0, 0.0, 0
+            for i, batch in enumerate(batches):
+                batch = batch.to(pl_module.device)
+                for d in range(h.draws):
+                    out = pl_module.preference_loss(batch, torch.Generator().manual_seed(h.seed + 100_003 * d + i))
+                    b = batch.batch_size
+                    acc += float(out.implicit_accuracy) * b
+                    loss += float(out.dpo_loss) * b
+                    margin += float(out.reward_margin) * b
+                    n += b
+            metrics.update({f"{name}/implicit_accuracy": acc / n, f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n})
+        return metrics
