@@ -210,3 +210,27 @@ def test_vae_tiling_splits_only_frames_larger_than_a_tile(model):
     assert torch.equal(pipe.enable_vae_tiling(tile_size=96, stride=64).vae.decode(z), whole)  # one tile: unchanged
     tiled = pipe.enable_vae_tiling(tile_size=64, stride=48).vae.decode(z)
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all() and not torch.equal(tiled, whole)
+
+
+def test_a_preset_fills_the_sampling_flags_not_given(model, files, tmp_path, capsys, monkeypatch):
+    """--preset lightx2v-distill samples with 8 steps, guidance 1 and shift 1; a flag given explicitly wins;
+    an unknown name is refused with the names there are."""
+    from scail2.pipeline import SCAIL2Pipeline
+
+    seen: list[dict] = []
+    generate = SCAIL2Pipeline.generate
+
+    def recording(self, *a, **kw):
+        seen.append({k: kw.get(k) for k in ("num_inference_steps", "guidance_scale", "shift")})
+        return generate(self, *a, **{**kw, "num_inference_steps": 1})  # one step is enough to see the flags
+
+    monkeypatch.setattr(SCAIL2Pipeline, "generate", recording)
+    base = ["--model", str(model), "--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4"), "--height", "32",
+            "--width", "32", "--seed", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main([*base, "--preset", "lightx2v-distill", "--out", str(tmp_path / "a.mp4")]) == 0
+    assert main([*base, "--preset", "lightx2v-distill", "--steps", "4", "--out", str(tmp_path / "b.mp4")]) == 0
+    assert seen == [{"num_inference_steps": 8, "guidance_scale": 1.0, "shift": 1.0},
+                    {"num_inference_steps": 4, "guidance_scale": 1.0, "shift": 1.0}]  # fmt: skip
+    capsys.readouterr()
+    assert main([*base, "--preset", "turbo", "--out", str(tmp_path / "c.mp4")]) == 2
+    assert "--preset turbo: no such sampling recipe; use one of ['default', 'lightx2v-distill']" in capsys.readouterr().err

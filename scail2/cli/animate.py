@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shift", type=float, default=None, help="time shift (5 by default; 3 is advised at 480p)")
     s.add_argument("--seed", type=int, default=None, help="noise seed (random and printed when omitted)")
     s.add_argument("--scheduler", choices=("unipc", "euler"), default=None, help="default: the model folder's (UniPC)")
+    s.add_argument(
+        "--preset", default=None, metavar="NAME",
+        help="a named recipe (scail2.pipeline.presets.SAMPLING_PRESETS) for the steps, guidance, shift, scheduler "
+        "and LoRA strength not given: default (40, 5, 5) or lightx2v-distill (8 steps, guidance 1, shift 1, for "
+        "the lightx2v step-distill LoRA)",
+    )  # fmt: skip
     lora = p.add_argument_group("LoRA adapter")
     lora.add_argument(
         "--lora", type=Path, default=None,
@@ -364,10 +370,28 @@ def _dtypes(args: argparse.Namespace, device: str):
     return dtype, text
 
 
+def _apply_preset(args: argparse.Namespace) -> None:
+    """Fill the sampling flags not given on the command line from ``--preset`` (explicit flags win)."""
+    from scail2.pipeline.presets import SAMPLING_PRESETS
+
+    if args.preset is None:
+        return
+    if args.preset not in SAMPLING_PRESETS:
+        raise InputError(f"--preset {args.preset}: no such sampling recipe; use one of {sorted(SAMPLING_PRESETS)}")
+    preset = SAMPLING_PRESETS[args.preset]
+    for flag, value in (("steps", preset.num_inference_steps), ("guidance", preset.guidance_scale),
+                        ("shift", preset.shift), ("scheduler", preset.scheduler)):  # fmt: skip
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.lora is not None and args.lora_scale is None:
+        args.lora_scale = preset.lora_scale
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
+        _apply_preset(args)
         import torch
 
         from scail2.pipeline.inputs import PipelineInputError, prepare_inputs
