@@ -464,7 +464,10 @@ def _env() -> dict[str, str]:
 def test_cli_serve_prints_links_and_stops_on_interrupt(study_dir):
     command = [sys.executable, "-m", "scail2.cli.bench", "study", "serve", str(study_dir), "--rater", "carol",
                "--rater", "dave", "--port", "0"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler in the child: give the server the default disposition, as a terminal would.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         lines = [process.stdout.readline() for _ in range(4)]
         assert "4 case(s)" in lines[0] and lines[1].startswith("serving on http://127.0.0.1:")
@@ -480,11 +483,11 @@ def test_cli_serve_prints_links_and_stops_on_interrupt(study_dir):
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            out, err = process.communicate(timeout=180)  # generous: the machine may be loaded
+            out, err = process.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
             out, err = process.communicate()
-            pytest.fail(f"the server did not stop within 180 s of SIGINT; stdout {out!r}, stderr {err[-3000:]!r}")
+            pytest.fail(f"the server did not stop within 120 s of SIGINT; stdout {out!r}, stderr {err[-3000:]!r}")
     assert process.returncode == 0, err
     assert "stopped" in out and "warning" not in err
     # A second start keeps the links (same tokens) and adds no rater twice.
