@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,12 @@ def compose_run(data_root: Path, out: Path, *extra: str, run: str = "run"):
     cfg = compose_config(train_overrides(data_root, out, *extra))
     cfg.paths.run_dir = str(out / cfg.run_name / run)
     return cfg
+
+
+def checkpoint_under(root: Path, checkpoint: Path) -> Path:
+    """A copy of ``checkpoint`` (file or sharded folder) under ``root``: a run resumes only from a checkpoint under
+    its output root."""
+    copy = root / "given" / "checkpoints" / checkpoint.name
+    copy.parent.mkdir(parents=True)
+    (shutil.copytree if checkpoint.is_dir() else shutil.copy2)(checkpoint, copy)
+    return copy

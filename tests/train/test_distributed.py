@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import checkpoint_under
+
 pytestmark = pytest.mark.multiprocess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +98,7 @@ def test_fsdp2_checkpoint_resumes_under_single_device(runs, data_root, tmp_path)
 
     step2 = consolidate_sharded(folder / "step=0000002.ckpt")
     state = FirstBatch(-1)
-    cfg = compose_run(data_root, tmp_path, "logger=none", "trainer.max_steps=3", f"ckpt_path='{_under(tmp_path, folder / 'step=0000002.ckpt')}'")
+    cfg = compose_run(data_root, tmp_path, "logger=none", "trainer.max_steps=3", f"ckpt_path='{checkpoint_under(tmp_path, folder / 'step=0000002.ckpt')}'")
     result = train(cfg, [state])
     assert result.start_step == 2 and result.global_step == 3
     assert all(torch.equal(state.before["net"][k.removeprefix("net.")], v) for k, v in step2["state_dict"].items())
@@ -105,14 +107,6 @@ def test_fsdp2_checkpoint_resumes_under_single_device(runs, data_root, tmp_path)
     for i, values in saved["state"].items():
         for name, value in values.items():
             assert torch.equal(torch.as_tensor(optim["state"][i][name]), torch.as_tensor(value)), (i, name)
-
-
-def _under(root: Path, checkpoint: Path) -> Path:
-    """A copy of ``checkpoint`` (file or sharded folder) under ``root``: a run resumes only from under its output root."""
-    copy = root / "given" / "checkpoints" / checkpoint.name
-    copy.parent.mkdir(parents=True)
-    (shutil.copytree if checkpoint.is_dir() else shutil.copy2)(checkpoint, copy)
-    return copy
 
 
 def test_single_device_checkpoint_resumes_under_fsdp2(runs, data_root, tmp_path):
@@ -130,7 +124,7 @@ def test_single_device_checkpoint_resumes_under_fsdp2(runs, data_root, tmp_path)
     expected = weight_digest({k.removeprefix("net."): v for k, v in torch.load(checkpoint, weights_only=True)["state_dict"].items()})
     out = tmp_path / "resumed"
     out.mkdir()
-    _torchrun("fsdp2", data_root, out, runs["init"], ckpt_path=_under(out, checkpoint))
+    _torchrun("fsdp2", data_root, out, runs["init"], ckpt_path=checkpoint_under(out, checkpoint))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["start"] == ranks[1]["start"] == expected
     assert ranks[0]["step"] == ranks[1]["step"] == 4 and ranks[0]["weights"] == ranks[1]["weights"]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import checkpoint_under
+
 pytestmark = pytest.mark.multiprocess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,9 +69,7 @@ def test_losses_equal_one_process(strategy, single, fsdp2, data_root, tmp_path):
 def test_resume_continues_with_the_same_losses(fsdp2, data_root, tmp_path):
     out, ranks = fsdp2
     written = next(out.glob("demo/*/checkpoints")) / "step=0000002.ckpt"
-    ckpt = tmp_path / "given" / "checkpoints" / written.name  # a run resumes only from under its output root
-    ckpt.parent.mkdir(parents=True)
-    (shutil.copytree if written.is_dir() else shutil.copy2)(written, ckpt)
+    ckpt = checkpoint_under(tmp_path, written)
     resumed = _torchrun("fsdp2", data_root, tmp_path, f"ckpt_path='{ckpt}'", "export.enabled=false")
     assert resumed[0]["step"] == STEPS
     for r in resumed:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from scail2.config import instantiate
 from scail2.train import train
 
-from .conftest import compose_run, train_overrides
+from .conftest import checkpoint_under, compose_run, train_overrides
 from .helpers import ChargeForwards, FakeClock, FixedBatches, LossRecorder, MemoryLogger, StateAround, assert_same_state
 
 GOLDEN = Path(__file__).with_name("golden_loss.json")
@@ -216,9 +215,7 @@ def resume_runs(data_root, tmp_path_factory, mlflow_uri) -> dict:
 def _resume_here(data_root, out: Path, ckpt: Path, *extra: str) -> list[float]:
     """The losses of steps 5-8 resumed from ``ckpt`` in this process. A run resumes only from a checkpoint under
     its output root, so ``ckpt`` is copied there first."""
-    given = out / "given" / "checkpoints" / ckpt.name
-    given.parent.mkdir(parents=True)
-    shutil.copy2(ckpt, given)
+    given = checkpoint_under(out, ckpt)
     losses = LossRecorder()
     cfg = compose_run(data_root, out, *RESUME, *QUIET, "trainer.max_steps=8", *extra)
     cfg.ckpt_path = str(given)  # set after composing: the file name's "=" would need quoting on a command line
