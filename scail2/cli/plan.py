@@ -94,13 +94,15 @@ def setup_from_config(cfg: Any, devices: int | None = None):
         from scail2.lora import LoRASpec, lora_parameter_count
 
         spec = LoRASpec(**OmegaConf.to_container(cfg.module.lora, resolve=True))
-        frozen = str(cfg.module.get("frozen_dtype") or "float32")
-        if frozen.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"module.frozen_dtype={frozen}: the planner knows float32, bfloat16 and float16")
+        from scail2.utils.dtypes import DTYPES
+
+        frozen = str(cfg.module.get("frozen_dtype") or "float32").removeprefix("torch.")
+        if frozen not in DTYPES:
+            raise ValueError(f"module.frozen_dtype={frozen}: the planner knows {sorted(DTYPES)}")
         setup = replace(
             setup,
             adapters=lora_parameter_count(net, spec),
-            frozen_bytes=4 if frozen.removeprefix("torch.") == "float32" else 2,
+            frozen_bytes=DTYPES[frozen].itemsize,
             samples_per_item=2,
         )
     clip = None
