@@ -24,14 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folde
 from bench_train import CPU_CASES, optimizer_step, random_batch  # noqa: E402
 from common import interleaved, versions, write_result  # noqa: E402
 
-from scail2.lit.networks import scail2_transformer  # noqa: E402
+from scail2.lit.base import build_network  # noqa: E402
+from scail2.models.config import scail2_config  # noqa: E402
 from scail2.models.parallelize import parallelize  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
 
 
 def make_step(case: dict, compile: bool, checkpointing: bool):
     torch.manual_seed(0)
-    net = scail2_transformer(case["preset"], **case["overrides"])
+    net = build_network(scail2_config(case["preset"], **case["overrides"]))
     parallelize(net, compile=compile, activation_checkpointing=checkpointing)
     generator = torch.Generator().manual_seed(0)
     batch = random_batch(net, case, "cpu", generator)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks folde
 from bench_train import random_batch  # noqa: E402
 from common import interleaved, versions, write_result  # noqa: E402
 
-from scail2.lit.networks import scail2_transformer  # noqa: E402
+from scail2.lit.base import build_network  # noqa: E402
+from scail2.models.config import scail2_config  # noqa: E402
 from scail2.models.memory import Layout, Setup, plan_memory, saved_activation_bytes  # noqa: E402
 from scail2.models.parallelize import parallelize  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    plain = scail2_transformer(CASE["preset"], **CASE["overrides"]).to(device)
+    plain = build_network(scail2_config(CASE["preset"], **CASE["overrides"])).to(device)
     sp = copy.deepcopy(plain)
     parallelize(sp, sequence_parallel=dist.group.WORLD)
     cfg = FlowMatchingConfig()

@@ -34,8 +34,9 @@ from common import interleaved, versions, write_result  # noqa: E402
 
 from scail2.conditioning import Condition, MotionBatch, PreferenceBatch  # noqa: E402
 from scail2.conditioning.packing import sequence_layout  # noqa: E402
-from scail2.lit.networks import scail2_transformer  # noqa: E402
+from scail2.lit.base import build_network  # noqa: E402
 from scail2.lora import LoRASpec, adapters_disabled, add_lora  # noqa: E402
+from scail2.models.config import scail2_config  # noqa: E402
 from scail2.models.parallelize import apply_activation_checkpointing  # noqa: E402
 from scail2.objectives.dpo import DPOConfig, dpo_loss, model_velocity  # noqa: E402
 from scail2.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss  # noqa: E402
@@ -64,7 +65,6 @@ CUDA_CASES = {
 def fit_layers(case: dict, free_bytes: float, checkpointing: bool) -> int:
     """The most blocks of ``case``'s geometry whose training step (bf16 autocast, AdamW) the planner fits into
     ``free_bytes``."""
-    from scail2.models.config import scail2_config
     from scail2.models.memory import Layout, Setup, plan_memory
 
     layout = Layout.from_pixels(case["frames"], case["height"], case["width"], text_tokens=case["text_len"],
@@ -137,7 +137,7 @@ def make_step(case: dict, device: str, checkpointing: bool):
     """(step function, forward FLOPs, tokens per step, parameters) of one case's pretraining step."""
     torch.manual_seed(0)
     with torch.device(device):
-        net = scail2_transformer(case["preset"], **case["overrides"])
+        net = build_network(scail2_config(case["preset"], **case["overrides"]))
     apply_activation_checkpointing(net, checkpointing)
     generator = torch.Generator().manual_seed(0)
     batch = random_batch(net, case, device, generator)
@@ -150,7 +150,7 @@ def make_dpo_step(case: dict, device: str):
     """(step function, forward FLOPs of the 4 passes, tokens per step, base parameters) of one case's DPO step."""
     torch.manual_seed(0)
     with torch.device(device):
-        net = scail2_transformer(case["preset"], **case["overrides"])
+        net = build_network(scail2_config(case["preset"], **case["overrides"]))
     params = net.num_params()
     net.requires_grad_(False)
     add_lora(net, LoRASpec(rank=16))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from scail2.bench.cases import BenchmarkLayoutError, Case, VideoFrame
-from scail2.bench.config import MetricsConfig, compose_bench_config, to_settings
+from scail2.config.bench import MetricsConfig, compose_bench_config, to_settings
 from scail2.bench.gsb import GSB_COLUMNS, NOT_APPLICABLE, GSBSheetError, aggregate_gsb, export_gsb
 from scail2.bench.loaders import load_studio, load_synthetic, load_xdance, select_cases
 from scail2.bench.scoring import MetricUnavailable, Scorer

@@ -4,7 +4,8 @@ Importing this package loads nothing; use the submodules:
 
 - ``scail2.bench.cases``: `Case`, `VideoFrame` and the layout errors.
 - ``scail2.bench.loaders``: the X-Dance, Studio-Bench-style and synthetic layouts -> lists of cases.
-- ``scail2.bench.config``: the structured schema of ``scail2-bench`` and its Hydra composition.
+- ``scail2.config.bench`` (outside this package): the structured schema of ``scail2-bench`` and its composition,
+  built on the same config machinery as training's.
 - ``scail2.bench.scoring``: aligning a generated video with its ground truth, frame metrics, FVD, the judge.
 - ``scail2.bench.gsb``: Good/Same/Bad human studies: blinded side-by-side export and aggregation.
 - ``scail2.bench.study``, ``study_server``, ``study_report``: the same study in the browser: the study folder,

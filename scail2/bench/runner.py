@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from scail2.bench.cases import Case, VideoFrame, find_video
-from scail2.bench.config import BenchConfig, BenchmarkConfig, GenerationConfig, flat_params, judge_config
+from scail2.config.bench import BenchConfig, BenchmarkConfig, GenerationConfig, flat_params, judge_config
 from scail2.bench.loaders import STUDIO_SPLITS, load_studio, load_synthetic, load_xdance, select_cases
 from scail2.bench.published import PublishedTable, published_tables
 from scail2.bench.scoring import GROUND_TRUTH_ALIGNMENT, MetricSummary, Scorer, load_image_source, read_frames

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from scail2.bench.cases import Case, ImageSource, VideoFrame
-from scail2.bench.config import MetricsConfig
+from scail2.config.bench import MetricsConfig
 from scail2.eval.judge import JudgeConfig
 
 log = logging.getLogger(__name__)

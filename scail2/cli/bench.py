@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     from scail2.bench.cases import BenchmarkLayoutError
-    from scail2.bench.config import compose_bench_config, to_settings
+    from scail2.config.bench import compose_bench_config, to_settings
     from scail2.bench.runner import run_benchmark
 
     errors = _config_errors() + (BenchmarkLayoutError,)

@@ -68,10 +68,11 @@ def setup_from_config(cfg: Any, devices: int | None = None):
     from omegaconf import OmegaConf
 
     from scail2.config.instantiate import instantiate
+    from scail2.lit.base import build_network
     from scail2.models.memory import Setup
 
     with torch.device("meta"):
-        net = instantiate(cfg.model, "model")()
+        net = build_network(instantiate(cfg.model, "model"))
     trainer_devices = cfg.trainer.devices
     if trainer_devices in ("auto", -1, "-1"):
         if devices is None:

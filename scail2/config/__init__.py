@@ -1,4 +1,5 @@
-"""Configs of ``scail2-train``: structured schemas, their Hydra registration, and safe instantiation."""
+"""Configs of ``scail2-train`` and ``scail2-bench``: structured schemas (generated from the targets the config
+files name), their Hydra registration and composition, the checks, and safe instantiation."""
 
 from scail2.config.instantiate import (
     REGISTRATION_GROUP,
@@ -13,6 +14,7 @@ from scail2.config.instantiate import (
 )
 from scail2.config.schema import (
     ExportConfig,
+    HardwareConfig,
     PathsConfig,
     TrainConfig,
     TrainerConfig,
@@ -28,6 +30,7 @@ __all__ = [
     "SHIPPED_TARGETS",
     "ConfigError",
     "ExportConfig",
+    "HardwareConfig",
     "PathsConfig",
     "TrainConfig",
     "TrainerConfig",

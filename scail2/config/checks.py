@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -205,20 +204,35 @@ def check_known_keys(cfg: DictConfig) -> None:
         _dataclass_params(node, target, path)
 
 
-def _unknown(node: Any, known: set[str], path: str) -> None:
+def refuse_unknown_keys(node: Any, known: Any, path: str = "") -> None:
+    """Refuse a key of ``node`` that is not in ``known`` (a set of names, or a structured schema node whose
+    nested nodes are checked too), naming the key, the closest known one and all of them.
+
+    OmegaConf's struct mode refuses a misspelt key at composition; a key added with ``+`` gets past it (and
+    `OmegaConf.to_object` would drop it silently), so both entry points check the composed tree again.
+    """
     if not isinstance(node, DictConfig):
         return
     import difflib
 
-    for key in node:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    schema = known if isinstance(known, DictConfig) else None
+    names = set(schema.keys()) if schema is not None else set(known)  # `in` alone treats ??? values as absent
+    for key in node.keys():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
             hint = f"did you mean `{close[0]}`? " if close else ""
-            where = f"{path}.{key}" if path else str(key)
             raise ConfigError(
-                f"config `{where}` is not a known key; {hint}the keys there are {sorted(known)} (a key added with "
-                "`+` must be a parameter of what the config builds)"
+                f"config `{where}` is not a known key; {hint}the keys there are {sorted(names)} (a key added with "
+                "`+` must be one the schema or the target's parameters have)"
             )
+        if schema is not None:
+            sub = schema._get_node(key)
+            if isinstance(sub, DictConfig) and not sub._is_none():
+                refuse_unknown_keys(node._get_node(key), sub, where)
+
+
+_unknown = refuse_unknown_keys
 
 
 def _dataclass_type(annotation: Any, default: Any) -> type | None:
@@ -233,19 +247,10 @@ def _dataclass_type(annotation: Any, default: Any) -> type | None:
 def _dataclass_params(node: DictConfig, target: Any, path: str) -> None:
     """Keys of dataclass-valued parameters (``module.validation``, ``module.lora``, ...) are that dataclass's
     fields, at every depth."""
-    from scail2.config.instantiate import signature_parameters
+    from scail2.config.instantiate import parameter_hints, signature_parameters
 
     params, _ = signature_parameters(target)
-    try:
-        init = target.__init__ if inspect.isclass(target) else target
-        hints = {}
-        for cls in reversed(getattr(target, "__mro__", (target,))):
-            if "__init__" in getattr(cls, "__dict__", {}) and cls is not object:
-                hints.update(typing.get_type_hints(cls.__init__))
-        if not hints:
-            hints = typing.get_type_hints(init)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: use the defaults alone
-        hints = {}
+    hints = parameter_hints(target)
     for name, p in params.items():
         if name not in node:
             continue

@@ -40,13 +40,13 @@ SHIPPED_TARGETS: frozenset[str] = frozenset(
         "scail2.lit.data.SyntheticDataModule",
         "scail2.lit.data.SyntheticPreferenceDataModule",
         "scail2.lit.dpo.DPOModule",
-        "scail2.lit.networks.scail2_transformer",
         "scail2.lit.optim.warmup_cosine",
         "scail2.lit.pretrain.PretrainModule",
         "scail2.lit.strategies.DDPStrategy",
         "scail2.lit.strategies.FSDP2Strategy",
         "scail2.lit.strategies.deepspeed",
         "scail2.lit.strategies.single_device",
+        "scail2.models.config.scail2_config",
         "scail2.objectives.dpo.DPOConfig",
         "scail2.objectives.flow_matching.FlowMatchingConfig",
     }
@@ -182,11 +182,39 @@ def locate(target: str, path: str) -> Any:
     raise ConfigError(f"config `{path}._target_: {target}` cannot be imported; check the spelling")
 
 
+def parameter_hints(target: Any) -> dict[str, Any]:
+    """The resolved type hints of a callable's own parameters (a class: of its ``__init__``), and ``return``."""
+    import typing
+
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable forward references: no hints
+        return {}
+
+
+def override_fields(target: Any) -> type | None:
+    """The dataclass whose fields a factory's ``**overrides`` set, or None.
+
+    A function that takes ``**overrides`` and returns a dataclass (``scail2_config(preset, **overrides) ->
+    TransformerConfig``) accepts that dataclass's fields as keywords: the dataclass is its schema.
+    """
+    import dataclasses
+
+    if inspect.isclass(target):
+        return None
+    returned = parameter_hints(target).get("return")
+    if isinstance(returned, type) and dataclasses.is_dataclass(returned):
+        return returned
+    return None
+
+
 def signature_parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
     """Named parameters of a callable (a class: of its ``__init__``) and whether it takes any other keyword.
 
-    A scail2 class whose ``__init__`` takes ``**kwargs`` forwards them to its base class (the convention of
-    `scail2.lit` modules), so the base's parameters count as its own.
+    The signature is read as written: a class lists the parameters it accepts (no guessing of what ``**kwargs``
+    forwards). A factory whose ``**overrides`` are the fields of the dataclass it returns (`override_fields`)
+    takes those fields as keyword parameters (default None: not overridden).
     """
     try:
         sig = inspect.signature(target)
@@ -194,11 +222,13 @@ def signature_parameters(target: Any) -> tuple[dict[str, inspect.Parameter], boo
         return {}, True
     params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    if open_kwargs and inspect.isclass(target) and target.__module__.startswith("scail2."):
-        base = next((b for b in target.__mro__[1:] if "__init__" in b.__dict__), None)
-        if base is not None and base is not object:
-            inherited, base_open = signature_parameters(base)
-            return {**inherited, **params}, base_open
+    fields_of = override_fields(target) if open_kwargs else None
+    if fields_of is not None:
+        import dataclasses
+
+        for f in dataclasses.fields(fields_of):
+            params.setdefault(f.name, inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None))
+        open_kwargs = False
     return params, open_kwargs
 
 

@@ -5,17 +5,19 @@ Two kinds of schema:
 - Hand-written dataclasses for the parts of the tree that belong to the entry point (`TrainConfig`, `PathsConfig`,
   `TrainerConfig`, `ExportConfig`). Their field defaults are the defaults.
 - Schemas generated from a target's signature (`target_schema`) for the ``_target_`` nodes built from scail2's
-  own classes (the LightningModule, the network factory, the objective, the data modules, the schedule, the
-  callbacks). A group option pulls its schema in through its defaults list
-  (``- /schema/module@module: pretrain``); the target's signature (or dataclass fields) stays the one place
-  where each default lives, the composed config shows every knob, and an unknown key fails at composition
-  with its name.
+  own classes (the LightningModule, the network geometry, the objective, the data modules, the schedule, the
+  callbacks). A group option pulls in the schema of the target it builds through its defaults list, naming
+  the target (``- /schema@module: scail2.lit.pretrain.PretrainModule``); registration walks the config files
+  and generates the schema of every target named so (`register_schemas`), so a new data module or callback
+  needs no entry anywhere else. The target's signature (or dataclass fields) stays the one place where each
+  default lives, the composed config shows every knob, and an unknown key fails at composition with its name.
 
 Nothing is registered on import: the entry point and the tests call `register_configs`.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import difflib
@@ -124,6 +126,21 @@ class ExportConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """What the machines are, for the nodes that depend on it (group ``hardware``: cpu, h100, h200, a100).
+
+    The callbacks and data options read these values (``${hardware.peak_flops}``, ``${hardware.loader_workers}``),
+    so an experiment chooses its machines once (``override /hardware: h100``). The defaults are a CPU box.
+    """
+
+    # Peak dense FLOP/s of one device in the training precision (perf/mfu); None: no MFU is logged.
+    peak_flops: Optional[float] = None
+    loader_workers: int = 2  # data loader worker processes per training process (cache, manifest, preference data)
+    pin_memory: bool = False  # page-locked host batches (faster copies to a GPU)
+    persistent_workers: bool = False  # keep the loader workers alive between epochs
+
+
+@dataclass
 class TrainConfig:
     """The root of the ``scail2-train`` config (``conf/train.yaml`` fills it from the groups)."""
 
@@ -144,7 +161,8 @@ class TrainConfig:
     # schema default keeps the default.)
     required: List[str] = field(default_factory=list)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    model: Any = MISSING  # the network factory (``_partial_``), group ``model``
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # group ``hardware``
+    model: Any = MISSING  # the network's geometry (a TransformerConfig), group ``model``
     module: Any = MISSING  # the LightningModule, set with the objective (group ``objective``)
     objective: Any = MISSING  # the loss settings, group ``objective``
     optim: Any = MISSING  # optimizer and schedule factories, group ``optim``
@@ -212,22 +230,26 @@ def _hints(fn: Any) -> dict[str, Any]:
         return {}
 
 
-def _init_hints(target: Any) -> dict[str, Any]:
-    """Type hints of a function, or of a class's ``__init__`` and those of its bases (inherited parameters)."""
-    if not inspect.isclass(target):
-        return _hints(target)
-    out: dict[str, Any] = {}
-    for cls in reversed(target.__mro__):
-        if "__init__" in cls.__dict__ and cls is not object:
-            out.update(_hints(cls.__init__))
-    return out
+def dataclass_schema(
+    cls: type, overrides: bool = False, defaults: dict[str, Any] | None = None, name: str | None = None
+) -> type:
+    """A mutable schema with the fields and defaults of dataclass ``cls`` (which may be frozen).
 
-
-def dataclass_schema(cls: type) -> type:
-    """A mutable schema with the fields and defaults of dataclass ``cls`` (which may be frozen)."""
+    ``overrides``: every field optional with default None (a factory's ``**overrides``: None keeps the value the
+    factory chooses, e.g. the size preset's). ``defaults``: other defaults for some fields. ``name``: the
+    schema's class name (default ``<cls>Schema``).
+    """
     hints = _hints(cls)
     entries = []
     for f in dataclasses.fields(cls):
+        if overrides:
+            kind = _omegaconf_type(hints.get(f.name, Any))
+            entries.append((f.name, Optional[kind] if kind in _SIMPLE else kind, field(default=None)))
+            continue
+        if defaults and f.name in defaults:
+            kind, spec = _field(hints.get(f.name, Any), defaults[f.name])
+            entries.append((f.name, kind, spec))
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -237,17 +259,41 @@ def dataclass_schema(cls: type) -> type:
             continue
         kind, spec = _field(hints.get(f.name, Any), default)
         entries.append((f.name, kind, spec))
-    return dataclasses.make_dataclass(f"{cls.__name__}Schema", entries)
+    name = name or f"{cls.__name__}{'Overrides' if overrides else 'Schema'}"
+    return dataclasses.make_dataclass(name, entries, namespace={"__doc__": cls.__doc__})
 
 
-def target_schema(target: Any, injected: tuple[str, ...] = (), partial: bool = False) -> type:
+def _config_type(annotation: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` takes a config value: scalars, paths, enums, dataclasses,
+    containers of them and their unions (``Any`` too). Callables and other classes (an optimizer, a network, an
+    objective object) are objects the entry point builds and passes."""
+    if annotation is Any or annotation is type(None) or annotation in (*_SIMPLE, Path):
+        return True
+    if isinstance(annotation, type):
+        containers = (collections.abc.Mapping, collections.abc.Sequence)
+        return issubclass(annotation, (enum.Enum, *containers)) or dataclasses.is_dataclass(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple, dict, typing.Literal) or origin in (
+        collections.abc.Mapping, collections.abc.Sequence,
+    ):
+        return origin is typing.Literal or all(_config_type(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return False
+
+
+def target_schema(target: Any, partial: bool = False) -> type:
     """A schema dataclass for ``_target_`` nodes that build ``target`` (a class, function or dataclass).
 
     Fields: ``_target_`` (the import path), ``_partial_`` when ``partial`` (the node is a factory), and one per
-    parameter of the target; a parameter's default (from the signature or the dataclass field) is the field's
-    default, a required parameter is MISSING (``???``: the config must set it). ``injected`` parameters are passed by the entry point and left
-    out; parameters whose default is not a plain value (an object, a callable) are left out too.
+    configurable parameter of the target: a parameter's default (from the signature or the dataclass field) is
+    the field's default, a required one is MISSING (``???``: the config must set it). Parameters annotated with
+    a callable or another non-config class, and required ones annotated ``Any``, are objects the entry point
+    passes (the module's network, objective and optimizer; the schedule's optimizer) and are left out, as are
+    parameters whose default is not a plain value. A factory whose ``**overrides`` are the fields of the
+    dataclass it returns (``scail2_config(preset, **overrides) -> TransformerConfig``) gets those fields, each
+    None by default (not overridden).
     """
+    from scail2.config.instantiate import override_fields, parameter_hints
+
     path = f"{target.__module__}.{target.__qualname__}"
     entries: list[tuple[str, Any, Any]] = [("_target_", str, field(default=path))]
     if partial:
@@ -256,20 +302,28 @@ def target_schema(target: Any, injected: tuple[str, ...] = (), partial: bool = F
         base = dataclass_schema(target)
         entries += [(f.name, f.type, f) for f in dataclasses.fields(base)]
         return dataclasses.make_dataclass(f"{target.__name__}Node", _fresh(entries))
-    from scail2.config.instantiate import signature_parameters
-
-    hints = _init_hints(target)
-    for name, p in signature_parameters(target)[0].items():
-        if name in injected:
+    hints = parameter_hints(target)
+    sig = inspect.signature(target)
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if p.default is inspect.Parameter.empty:
+        annotation = hints.get(name, Any)
+        required = p.default is inspect.Parameter.empty
+        if not _config_type(annotation) or (required and annotation is Any):
+            continue  # passed by the entry point
+        if required:
             entries.append((name, Any, field(default=MISSING)))
             continue
         try:
-            kind, spec = _field(hints.get(name, Any), p.default)
+            kind, spec = _field(annotation, p.default)
         except TypeError:
             continue  # an object default: settable with +key=..., checked against the signature at build time
         entries.append((name, kind, spec))
+    fields_of = override_fields(target)
+    if fields_of is not None and any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        named = {e[0] for e in entries}
+        entries += [(f.name, f.type, f) for f in dataclasses.fields(dataclass_schema(fields_of, overrides=True))
+                    if f.name not in named]
     return dataclasses.make_dataclass(f"{target.__name__}Node", _fresh(entries))
 
 
@@ -286,29 +340,70 @@ def _fresh(entries: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     return out
 
 
-# The schema group: (group under ``schema/``, option name) -> (target import path, parameters injected by
-# the entry point, whether the node is a ``_partial_`` factory). YAML options select one with
-# ``- /schema/<group>@<package>: <name>``.
-TARGET_SCHEMAS: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {
-    ("model", "scail2_transformer"): ("scail2.lit.networks.scail2_transformer", (), True),
-    ("module", "pretrain"): ("scail2.lit.pretrain.PretrainModule", ("net", "objective", "optimizer", "scheduler"), False),
-    ("module", "dpo"): ("scail2.lit.dpo.DPOModule", ("net", "objective", "optimizer", "scheduler"), False),
-    ("objective", "flow_matching"): ("scail2.objectives.flow_matching.FlowMatchingConfig", (), False),
-    ("objective", "dpo"): ("scail2.objectives.dpo.DPOConfig", (), False),
-    ("scheduler", "warmup_cosine"): ("scail2.lit.optim.warmup_cosine", ("optimizer",), True),
-    ("data", "motion"): ("scail2.data.datamodule.MotionDataModule", (), False),
-    ("data", "synthetic"): ("scail2.lit.data.SyntheticDataModule", (), False),
-    ("data", "preference"): ("scail2.data.preference_data.PreferenceDataModule", (), False),
-    ("data", "synthetic_preference"): ("scail2.lit.data.SyntheticPreferenceDataModule", (), False),
-    ("strategy", "single"): ("scail2.lit.strategies.single_device", (), False),
-    ("strategy", "ddp"): ("scail2.lit.strategies.DDPStrategy", (), False),
-    ("strategy", "fsdp2"): ("scail2.lit.strategies.FSDP2Strategy", (), False),
-    ("strategy", "deepspeed"): ("scail2.lit.strategies.deepspeed", (), False),
-    ("callbacks", "checkpoint"): ("scail2.lit.checkpoint.PeriodicCheckpoint", (), False),
-    ("callbacks", "throughput"): ("scail2.lit.callbacks.ThroughputMonitor", (), False),
-    ("callbacks", "data_skips"): ("scail2.lit.callbacks.DataSkipMonitor", (), False),
-    ("callbacks", "progress"): ("scail2.lit.callbacks.progress_bar", (), False),
-}
+# The config group of the generated schemas. A YAML option pulls the schema of the target it builds in through
+# its defaults list, naming the target: ``- /schema@_here_: scail2.data.datamodule.MotionDataModule``.
+SCHEMA_GROUP = "schema"
+
+
+@dataclass(frozen=True)
+class SchemaUse:
+    """One ``/schema@<package>: <target>`` entry of a config file's defaults list."""
+
+    target: str
+    partial: bool  # the node it fills sets ``_partial_: true`` (a factory)
+    where: str  # "<file>: <package>", for messages
+
+
+def schema_uses(folders: tuple[Path, ...]) -> dict[str, SchemaUse]:
+    """The schemas the config files under ``folders`` pull in, by target.
+
+    Each is checked against the node it fills: the node's ``_target_``, when the file states one, must be the
+    schema's target, and every file that pulls a target's schema must agree on ``_partial_``.
+    """
+    out: dict[str, SchemaUse] = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*.yaml")):
+            node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # interpolations stay as written
+            defaults = node.get("defaults") if isinstance(node, dict) else None
+            for entry in defaults or ():
+                if not isinstance(entry, dict) or len(entry) != 1:
+                    continue
+                key, target = next(iter(entry.items()))
+                group, _, package = str(key).lstrip("/").partition("@")
+                if group != SCHEMA_GROUP:
+                    continue
+                where = f"{path}: {package or '_here_'}"
+                filled: Any = node
+                if package not in ("", "_here_"):
+                    for part in package.split("."):
+                        filled = filled.get(part) if isinstance(filled, dict) else None
+                stated = filled.get("_target_") if isinstance(filled, dict) else None
+                if stated is not None and stated != target:
+                    raise ValueError(f"{where}: the node builds {stated} but pulls in the schema of {target}; name the same target in both")
+                partial = filled.get("_partial_", False) is True if isinstance(filled, dict) else False
+                seen = out.get(target)
+                if seen is not None and seen.partial != partial:
+                    raise ValueError(
+                        f"{where} and {seen.where} build {target} with different _partial_; a target's schema is "
+                        "either a factory or not"
+                    )
+                out[target] = SchemaUse(str(target), partial, where)
+    return out
+
+
+def register_schemas(folders: tuple[Path, ...]) -> list[str]:
+    """Generate and store the schema of every target the config files under ``folders`` pull in
+    (`schema_uses`); returns the targets. Each name is checked against the allow-list before it is imported."""
+    from hydra.core.config_store import ConfigStore
+
+    from scail2.config.instantiate import check_target_name, locate
+
+    cs = ConfigStore.instance()
+    uses = schema_uses(folders)
+    for target, use in uses.items():
+        check_target_name(target, f"{use.where} (/{SCHEMA_GROUP})")
+        cs.store(group=SCHEMA_GROUP, name=target, node=target_schema(locate(target, use.where), partial=use.partial))
+    return sorted(uses)
 
 
 def register_configs(experiments: Path | None = None) -> None:
@@ -320,16 +415,15 @@ def register_configs(experiments: Path | None = None) -> None:
     """
     from hydra.core.config_store import ConfigStore
 
-    from scail2.config.instantiate import locate
-
     if not OmegaConf.has_resolver("latest_export"):
         OmegaConf.register_new_resolver("latest_export", _latest_export)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for (group, name), (target, injected, partial) in TARGET_SCHEMAS.items():
-        schema = target_schema(locate(target, f"schema/{group}/{name}"), injected, partial=partial)
-        cs.store(group=f"schema/{group}", name=name, node=schema)
+    from scail2.config.bench import BenchConfig
+
+    cs.store(name="bench_schema", node=BenchConfig)  # scail2-bench's primary config (conf/bench.yaml)
     folder = experiments if experiments is not None else experiments_dir()
+    register_schemas((config_dir(), folder))
     from scail2.config.checks import check_hydra_node
 
     for path in sorted(folder.glob("*.yaml")):
@@ -382,18 +476,33 @@ def _latest_export(run_name: str, *, _root_: Any) -> str:
     return str(latest_export(Path(_root_.paths.output_root).expanduser().absolute(), run_name))
 
 
-def compose_config(overrides: list[str] = (), config_name: str = "train") -> Any:
-    """The composed ``scail2-train`` config for ``overrides``, as the command line would build it (for tests,
-    notebooks and benchmarks). Hydra's own ``hydra`` node is removed after it is installed for ``${hydra:...}``
-    interpolations; set ``paths.run_dir`` (by default Hydra's output folder, which compose does not create)."""
+def compose_config(
+    overrides: list[str] | tuple[str, ...] = (),
+    config_name: str = "train",
+    config_dir: str | Path | None = None,
+    job_name: str = "app",
+) -> Any:
+    """The composed config of ``config_name`` (``train``: ``scail2-train``'s, ``bench``: ``scail2-bench``'s) for
+    ``overrides``, as the command line builds it (for the entry points, tests, notebooks and benchmarks).
+    ``config_dir``: the folder of the primary config and its groups (default: the shipped ``conf/``).
+
+    Hydra's own ``hydra`` node is removed after it is installed for ``${hydra:...}`` interpolations; set
+    ``paths.run_dir`` (by default Hydra's output folder, which compose does not create)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    folder = Path(config_dir).resolve() if config_dir is not None else shipped_folder("conf")
+    if not (folder / f"{config_name}.yaml").is_file():
+        raise FileNotFoundError(
+            f"{folder / (config_name + '.yaml')} not found: the config folder lacks the primary config "
+            f"{config_name}.yaml; reinstall scail2 or pass another --config-dir"
+        )
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3", job_name=job_name):
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+

@@ -2,9 +2,9 @@
 
 `SCAIL2Module` owns
 
-- building the backbone in ``configure_model`` from an injected factory (``net``, a ``_partial_`` config), under
-  the strategy's device context; activation checkpointing, compilation, sequence parallelism and FSDP2 sharding
-  applied from outside the model (`scail2.models.parallelize`, called by the strategy);
+- building the backbone in ``configure_model`` from its geometry (``net``, the `TransformerConfig` the ``model``
+  group builds; `build_network`), under the strategy's device context; activation checkpointing, compilation,
+  sequence parallelism and FSDP2 sharding applied from outside the model (`scail2.models.parallelize`, called by the strategy);
   optional initialisation from weights (any layout `scail2.models.load_transformer` reads, or Wan2.1-I2V);
 - the optimizer and schedule from injected factories (``optimizer(params)``, ``scheduler(optimizer)``);
 - a per-replica, seeded random generator for the objective (the ranks that share a sequence draw the same
@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from scail2.conditioning.packing import SequenceLayout, sequence_layout
 from scail2.data.batch import MotionBatch
 from scail2.lit.checkpoint import runtime_differences, runtime_settings
 from scail2.lit.validation import SampleValidation, ValidationConfig
+from scail2.models.config import TransformerConfig
+from scail2.models.scail2 import SCAIL2Transformer
 from scail2.models.wan import WanModel
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,12 @@ class StepOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # extra scalars logged as train/<name>
 
 
+def build_network(config: TransformerConfig) -> WanModel:
+    """A randomly initialised network of ``config``: a `SCAIL2Transformer` (mask channels), else a `WanModel`.
+    Only constructs, under whatever device context the caller sets (the meta device for sharded starts)."""
+    return SCAIL2Transformer(config) if config.is_scail2 else WanModel(config)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A 63-bit seed for (seed, rank): ranks get unrelated streams from one config seed."""
     digest = hashlib.sha256(f"scail2:{seed}:{rank}".encode()).digest()
@@ -67,7 +76,9 @@ class SCAIL2Module(L.LightningModule):
     """Base module; see the module docstring.
 
     Args:
-        net: zero-argument factory of the backbone (a `WanModel`/`SCAIL2Transformer`), called in configure_model.
+        net: the backbone's geometry, a `TransformerConfig` (or its fields; the ``model`` group builds one with
+            `scail2.models.config.scail2_config`), built in configure_model as a `SCAIL2Transformer` (a `WanModel`
+            when it has no mask channels); or a zero-argument factory of a `WanModel` / `SCAIL2Transformer`.
         objective: the loss settings, passed to :meth:`compute_loss` (e.g. `FlowMatchingConfig`).
         optimizer: ``optimizer(params) -> Optimizer`` (e.g. a partial of `torch.optim.AdamW`).
         scheduler: ``scheduler(optimizer) -> LRScheduler`` stepped every optimizer step, or None.
@@ -86,7 +97,7 @@ class SCAIL2Module(L.LightningModule):
 
     def __init__(
         self,
-        net: Callable[[], WanModel],
+        net: TransformerConfig | Mapping[str, Any] | Callable[[], WanModel],
         objective: Any,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
         scheduler: Callable[[Optimizer], Any] | None = None,
@@ -107,7 +118,12 @@ class SCAIL2Module(L.LightningModule):
             raise ValueError(f"max_consecutive_skips is {max_consecutive_skips}; need at least 1")
         if max_loss is not None and not (math.isfinite(max_loss) and max_loss > 0):
             raise ValueError(f"max_loss is {max_loss}; need a finite bound > 0, or None for no bound")
-        self.net_factory = net
+        if isinstance(net, Mapping):
+            net = TransformerConfig.from_dict(dict(net))
+        if not isinstance(net, TransformerConfig) and not callable(net):
+            raise TypeError(f"net is a {type(net).__name__}; give a TransformerConfig or a zero-argument network factory")
+        self.net_config = net if isinstance(net, TransformerConfig) else None
+        self.net_factory = net if self.net_config is None else partial(build_network, net)
         self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

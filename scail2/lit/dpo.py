@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.optim import Optimizer
 
 from scail2.data.batch import PreferenceBatch
 from scail2.lit.base import SCAIL2Module, StepOutput
 from scail2.lit.heldout import HeldOutConfig, HeldOutPreferences
+from scail2.lit.validation import ValidationConfig
 from scail2.lora import LoRASpec, adapters_disabled, add_lora, merge_lora, save_lora
+from scail2.models.config import TransformerConfig
+from scail2.models.wan import WanModel
 from scail2.objectives.dpo import DPOConfig, DPOOutput, dpo_loss, model_velocity
 from scail2.utils.dtypes import HALF_DTYPES as _FROZEN_DTYPES
 
@@ -41,18 +45,36 @@ class DPOModule(SCAIL2Module):
     has one, else no held-out evaluation);
     ``frozen_dtype``: "bfloat16" / "float16" stores the frozen backbone in half precision (with
     ``trainer.precision`` bf16-mixed / 16-mixed; None keeps the training dtype). The other arguments are
-    `SCAIL2Module`'s; ``init_from`` should be the pretrained model the adapters post-train."""
+    `SCAIL2Module`'s, with the same defaults except ``validation`` (None: the base's sampling validation needs
+    motion pairs; DPO measures held-out pairs instead); ``init_from`` should be the pretrained model the adapters
+    post-train."""
 
     def __init__(
         self,
-        *args: Any,
+        net: TransformerConfig | Mapping[str, Any] | Callable[[], WanModel],
+        objective: Any,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
+        scheduler: Callable[[Optimizer], Any] | None = None,
+        init_from: str | None = None,
+        activation_checkpointing: bool | int | list[int] = False,
+        compile: bool = False,
+        attention_backend: str = "sdpa",
+        nonfinite: str = "error",
+        max_consecutive_skips: int = 10,
+        max_loss: float | None = None,
+        validation: ValidationConfig | Mapping[str, Any] | None = None,
+        seed: int = 0,
         lora: LoRASpec | Mapping[str, Any] = LoRASpec(),
         heldout: HeldOutConfig | Mapping[str, Any] | None = HeldOutConfig(),
         frozen_dtype: str | None = None,
-        **kwargs: Any,
     ):
-        kwargs.setdefault("validation", None)  # the base's sampling validation needs motion data
-        super().__init__(*args, **kwargs)
+        # validation: None by default (the base's sampling validation needs motion pairs).
+        super().__init__(
+            net, objective, optimizer, scheduler, init_from=init_from,
+            activation_checkpointing=activation_checkpointing, compile=compile,
+            attention_backend=attention_backend, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            max_loss=max_loss, validation=validation, seed=seed,
+        )  # fmt: skip
         self.lora = lora if isinstance(lora, LoRASpec) else LoRASpec(**lora)
         if isinstance(heldout, Mapping):
             heldout = HeldOutConfig(**heldout)

@@ -94,10 +94,11 @@ def wan_config(preset: str, **overrides: Any) -> TransformerConfig:
 
 
 def scail2_config(preset: str, **overrides: Any) -> TransformerConfig:
-    """The SCAIL-2 geometry: 20-channel patch embedding, 28-channel mask embedding, CLIP branch required."""
-    cfg = wan_config(
-        preset, in_channels=SCAIL2_IN_CHANNELS, mask_channels=SCAIL2_MASK_CHANNELS, **overrides
-    )
+    """The SCAIL-2 geometry of a size preset: 20-channel patch embedding, 28-channel mask embedding, CLIP branch
+    required. ``overrides`` replace single `TransformerConfig` fields of the preset (``num_layers=4``); an override
+    of None keeps the preset's value (what the ``model`` config group's unset fields mean)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = wan_config(preset, **{"in_channels": SCAIL2_IN_CHANNELS, "mask_channels": SCAIL2_MASK_CHANNELS, **given})
     if cfg.image_dim is None:
         raise ValueError("SCAIL-2 needs the CLIP image branch: image_dim must not be None")
     return cfg

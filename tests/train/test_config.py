@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from scail2.config import (
     instantiate,
     validate_targets,
 )
+from scail2.lit.base import build_network
 from scail2.train import build_module, build_trainer
 
 # Values a config leaves to the command line (???), filled so that it can be built here.
@@ -31,7 +33,7 @@ REQUIRED = {
 
 
 # The groups of conf/train.yaml (conf/ also holds other tools' groups).
-TRAIN_GROUPS = ("model", "data", "objective", "optim", "strategy", "trainer", "logger", "callbacks", "debug")
+TRAIN_GROUPS = ("hardware", "model", "data", "objective", "optim", "strategy", "trainer", "logger", "callbacks", "debug")
 
 
 def _options() -> list[tuple[str, str]]:
@@ -96,7 +98,7 @@ def test_option_composes_and_builds(tmp_path, mlflow_uri, group, option):
     everything = group == "experiment"
     if everything or group == "model":
         with torch.device("meta"):  # the 14B preset costs nothing there
-            assert instantiate(cfg.model, "model")().num_params() > 0
+            assert build_network(instantiate(cfg.model, "model")).num_params() > 0
     if everything or group in ("objective", "optim", "model"):
         build_module(cfg)
     if everything or group == "data":
@@ -117,7 +119,7 @@ def test_option_composes_and_builds(tmp_path, mlflow_uri, group, option):
 
 def test_presets_have_their_size():
     with torch.device("meta"):
-        sizes = {p: instantiate(compose_config([f"model={p}"]).model, "model")().num_params() for p in ("wan2.1-1.3b", "wan2.1-14b")}
+        sizes = {p: build_network(instantiate(compose_config([f"model={p}"]).model, "model")).num_params() for p in ("wan2.1-1.3b", "wan2.1-14b")}
     assert 1.3e9 < sizes["wan2.1-1.3b"] < 1.8e9
     assert 14e9 < sizes["wan2.1-14b"] < 17e9
 
@@ -274,3 +276,57 @@ def test_dpo_config_is_checked():
         DPOConfig(beta=-1)
     with pytest.raises(Exception, match="heldout.drawz"):
         compose_config(["experiment=dpo_demo", "module.heldout.drawz=3"])
+
+
+def test_hardware_option_feeds_the_callbacks_and_the_loaders():
+    """An experiment chooses its machines once; the throughput monitor and the data loader read them."""
+    cpu = compose_config(["data=cache"])
+    assert cpu.callbacks.throughput.peak_flops is None and cpu.data.num_workers == 2 and cpu.data.pin_memory is False
+    h100 = compose_config(["experiment=pretrain_wan14b"])
+    assert h100.callbacks.throughput.peak_flops == 989e12
+    assert (h100.data.num_workers, h100.data.pin_memory, h100.data.persistent_workers) == (8, True, True)
+    a100 = compose_config(["experiment=pretrain_wan14b", "hardware=a100", "hardware.loader_workers=4"])
+    assert a100.callbacks.throughput.peak_flops == 312e12 and a100.data.num_workers == 4
+    with pytest.raises(Exception, match="hardware.nope"):
+        compose_config(["hardware.nope=1"])
+
+
+def test_model_node_is_the_transformer_config():
+    """The model group builds a TransformerConfig (preset + overrides); unset fields keep the preset's values."""
+    from scail2.models.config import TransformerConfig, scail2_config
+
+    cfg = compose_config(["model=tiny", "model.num_layers=3"])
+    built = instantiate(cfg.model, "model")
+    assert isinstance(built, TransformerConfig)
+    assert built == scail2_config("tiny", num_layers=3)
+    assert set(cfg.model) - {"_target_", "preset"} == {f.name for f in dataclasses.fields(TransformerConfig)}
+    with pytest.raises(Exception, match="model.nope"):
+        compose_config(["model.nope=1"])
+
+
+def test_schemas_come_from_the_targets_the_files_name(tmp_path):
+    """A new option needs no registry entry: its defaults name the target, whose signature is the schema."""
+    from scail2.config.schema import schema_uses
+
+    uses = schema_uses((config_dir(), experiments_dir()))
+    assert uses["scail2.lit.optim.warmup_cosine"].partial and not uses["scail2.lit.dpo.DPOModule"].partial
+    assert "scail2.models.config.scail2_config" in uses
+    (tmp_path / "bad.yaml").write_text(
+        "defaults:\n  - /schema@_here_: scail2.lit.callbacks.ThroughputMonitor\n_target_: scail2.lit.callbacks.DataSkipMonitor\n"
+    )
+    with pytest.raises(ValueError, match="DataSkipMonitor but pulls in the schema of scail2.lit.callbacks.ThroughputMonitor"):
+        schema_uses((tmp_path,))
+
+
+def test_dpo_module_lists_the_base_parameters():
+    """No **kwargs: DPOModule's signature is the schema, with the base's parameters and defaults (validation off)."""
+    from scail2.lit.base import SCAIL2Module
+    from scail2.lit.dpo import DPOModule
+
+    base = inspect.signature(SCAIL2Module).parameters
+    own = inspect.signature(DPOModule).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in own.values())
+    assert set(base) <= set(own)
+    assert {n for n in base if base[n].default != own[n].default} == {"validation"} and own["validation"].default is None
+    module = compose_config(["objective=dpo", "data=synthetic_preference"]).module
+    assert {"lora", "heldout", "frozen_dtype", "init_from", "max_loss"} <= set(module) and "net" not in module

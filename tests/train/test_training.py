@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from scail2.config import instantiate
+from scail2.lit.base import build_network
 from scail2.train import train
 
 from .conftest import checkpoint_under, compose_run, train_overrides
@@ -190,7 +191,7 @@ def test_mlflow_run_checkpoints_and_media(data_root, tmp_path, mlflow_uri):
 
 
 def result_params(cfg) -> int:
-    return instantiate(cfg.model, "model")().num_params()
+    return build_network(instantiate(cfg.model, "model")).num_params()
 
 
 # Resume is bit-exact for a fixed torch thread count (docs/training.md, "What a resume reproduces"). Every run here

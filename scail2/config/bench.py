@@ -1,17 +1,17 @@
-"""The structured schema of ``scail2-bench`` and its Hydra composition.
+"""The structured schema of ``scail2-bench``, composed by the same machinery as ``scail2-train``'s.
 
 The primary config is ``conf/bench.yaml``; each benchmark is one file of the ``conf/benchmark/`` group
 (``benchmark=NAME``). Every field below is typed, so a misspelt key or a wrong type fails at composition with
-the key's name; the choices (metric use, layout, task, ...) are checked when the composed config is turned
-into these dataclasses (`to_settings`), with the allowed values in the message.
-
-Nothing is registered on import: `compose_bench_config` registers the schema when it runs.
+the key's name (`scail2.config.schema.register_configs` stores the schema as ``bench_schema``,
+`scail2.config.schema.compose_config` composes it); a key added with ``+`` is refused by the same check as
+training's (`scail2.config.checks.refuse_unknown_keys`), and the choices (metric use, layout, task, ...) are
+checked when the composed config is turned into these dataclasses (`to_settings`), with the allowed values in
+the message.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from scail2.bench.cases import TASKS
 from scail2.bench.loaders import LAYOUTS, XDANCE_DRIVING, XDANCE_PAIRINGS
-from scail2.config.schema import PathsConfig, shipped_folder
+from scail2.config.checks import refuse_unknown_keys
+from scail2.config.schema import PathsConfig, compose_config, dataclass_schema
 from scail2.eval.judge import DIMENSIONS, JudgeConfig
 
 METRIC_USES: tuple[str, ...] = ("auto", "required", "skip")
@@ -28,7 +29,6 @@ FRAME_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips")
 PUBLISHED_TABLES: tuple[str, ...] = ("table2", "table3")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-SCHEMA_NAME = "bench_schema"
 PRIMARY_CONFIG = "bench"
 
 
@@ -137,18 +137,11 @@ class MetricsConfig:
 
 
 def _judge_settings_schema() -> type:
-    """A mutable twin of `JudgeConfig`: same fields, types and defaults, except ``model`` "" (no judge configured).
-
-    JudgeConfig is frozen, and OmegaConf makes a frozen dataclass node read-only, so command-line overrides
-    (``judge.model=...``) could not set it; the fields are copied rather than restated, so every default stays
-    in JudgeConfig.
-    """
-    hints = typing.get_type_hints(JudgeConfig)
-    specs = [
-        (f.name, hints[f.name], field(default="" if f.name == "model" else f.default))
-        for f in dataclasses.fields(JudgeConfig)
-    ]
-    return dataclasses.make_dataclass("JudgeSettings", specs, namespace={"__doc__": _judge_settings_schema.__doc__})
+    """A mutable twin of `JudgeConfig` (`dataclass_schema`): same fields, types and defaults, except ``model``
+    "" (no judge configured). JudgeConfig is frozen, and OmegaConf makes a frozen dataclass node read-only, so
+    command-line overrides (``judge.model=...``) could not set it; the fields are derived, not restated, so every
+    default stays in JudgeConfig."""
+    return dataclass_schema(JudgeConfig, defaults={"model": ""}, name="JudgeSettings")
 
 
 JudgeSettings = _judge_settings_schema()
@@ -206,61 +199,24 @@ class BenchConfig:
 # --------------------------------------------------------------------------------------------- composition
 
 
-def bench_config_dir() -> Path:
-    """``conf/`` (the checkout's or an installed wheel's), which holds ``bench.yaml`` and the ``benchmark/`` group."""
-    path = shipped_folder("conf")
-    if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
-        raise FileNotFoundError(
-            f"{path / (PRIMARY_CONFIG + '.yaml')} not found: the conf/ folder lacks scail2-bench's primary config; "
-            "reinstall scail2 or pass --config-dir"
-        )
-    return path
-
-
-def register_bench_configs() -> None:
-    """Store the schema in Hydra's ConfigStore under ``bench_schema`` (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=BenchConfig)
-
-
 def compose_bench_config(
     overrides: list[str] | tuple[str, ...] = (), config_dir: str | Path | None = None
 ) -> DictConfig:
-    """Compose ``bench.yaml`` with command-line style overrides (``benchmark=NAME``, ``generation.steps=2``)."""
-    from hydra import compose, initialize_config_dir
-
-    register_bench_configs()
-    folder = Path(config_dir).resolve() if config_dir is not None else bench_config_dir()
-    with initialize_config_dir(config_dir=str(folder), version_base="1.3", job_name="scail2-bench"):
-        return compose(config_name=PRIMARY_CONFIG, overrides=list(overrides))
+    """Compose ``bench.yaml`` with command-line style overrides (``benchmark=NAME``, ``generation.steps=2``):
+    `compose_config` with ``scail2-bench``'s primary config; ``config_dir``: another folder holding
+    ``bench.yaml`` and ``benchmark/`` (default: the shipped ``conf/``)."""
+    return compose_config(overrides, config_name=PRIMARY_CONFIG, config_dir=config_dir, job_name="scail2-bench")
 
 
 def to_settings(cfg: DictConfig) -> BenchConfig:
     """The composed config as dataclasses; the choices are checked here (errors name the key and the options)."""
-    # `+key=value` overrides add keys even to a structured tree, and OmegaConf.to_object drops them silently.
-    unknown = _unknown_keys(OmegaConf.structured(BenchConfig), cfg)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; `scail2-bench --cfg` prints every valid key")
+    refuse_unknown_keys(cfg, OmegaConf.structured(BenchConfig))
     settings = OmegaConf.to_object(cfg)
     if not isinstance(settings, BenchConfig):
         raise TypeError(
             f"composed config is a {type(settings).__name__}, not BenchConfig; compose it with compose_bench_config"
         )
     return settings
-
-
-def _unknown_keys(schema: Any, node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
-        return []
-    out = []
-    for key in node.keys():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in schema.keys():  # `in` alone treats MISSING ("???") values as absent
-            out.append(path)
-        else:
-            out += _unknown_keys(schema._get_node(key), node._get_node(key), path)
-    return out
 
 
 def flat_params(settings: BenchConfig) -> dict[str, str]:
