@@ -298,7 +298,7 @@ TARGET_SCHEMAS: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {
     ("scheduler", "warmup_cosine"): ("scail2.lit.optim.warmup_cosine", ("optimizer",), True),
     ("data", "motion"): ("scail2.data.datamodule.MotionDataModule", (), False),
     ("data", "synthetic"): ("scail2.lit.data.SyntheticDataModule", (), False),
-    ("data", "preference"): ("scail2.data.preference_data.PreferenceDataModule", (), False),
+    ("data", "preference"): ("scail2.preference.datamodule.PreferenceDataModule", (), False),
     ("data", "synthetic_preference"): ("scail2.lit.data.SyntheticPreferenceDataModule", (), False),
     ("strategy", "single"): ("scail2.lit.strategies.single_device", (), False),
     ("strategy", "ddp"): ("scail2.lit.strategies.DDPStrategy", (), False),
