@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from scail2.data.cli import main as data_cli
-from scail2.data.preference import load_preference_manifest
-from scail2.data.preference_builder import MANIFEST_NAME, BuildOptions, build_preferences, load_components
-from scail2.data.preference_data import PreferenceDataModule
+from scail2.preference.records import load_preference_manifest
+from scail2.preference.builder import MANIFEST_NAME, BuildOptions, build_preferences, load_components
+from scail2.preference.datamodule import PreferenceDataModule
 from scail2.lit.callbacks import ThroughputMonitor
 from scail2.lit.dpo import DPOModule, HeldOutConfig
 from scail2.lit.evaluation import evaluation_history

@@ -154,3 +154,40 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter():
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     proc = subprocess.run([sys.executable, "-c", script, *order], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _private_data_names(tree: ast.Module) -> list[str]:
+    """``scail2.data...`` names with a leading underscore that a module imports or reaches through a module
+    attribute, anywhere in the file (function-level imports included)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("scail2.data"):
+            parts = node.module.split(".")
+            found += [f"{node.module}.{alias.name}" for alias in node.names if alias.name.startswith("_")]
+            found += [node.module] if any(p.startswith("_") for p in parts) else []
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("scail2.data") and "._" in a.name]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if ast.unparse(node.value).startswith("scail2.data"):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_the_private_name_finder_sees_them():
+    tree = ast.parse(
+        "from scail2.data.synth import _pose, draw_posed\nimport scail2.data.sample\n"
+        "def f():\n    from scail2.data.manifest import _iter_jsonl\n    return scail2.data.sample._Reads\n"
+        "from scail2.data.video import read_image\nfrom scail2.preference.data import _x\n"
+    )
+    assert sorted(_private_data_names(tree)) == [
+        "scail2.data.manifest._iter_jsonl", "scail2.data.sample._Reads", "scail2.data.synth._pose",
+    ]  # fmt: skip
+
+
+def test_the_preference_package_uses_only_the_public_api_of_data():
+    """`scail2.preference` is built on `scail2.data`'s public names: nothing with a leading underscore."""
+    modules = {name: path for name, path in _modules().items() if name.startswith("scail2.preference")}
+    assert "scail2.preference.cache" in modules and "scail2.preference.builder" in modules
+    private = {name: _private_data_names(ast.parse(path.read_text())) for name, path in modules.items()}
+    private = {name: names for name, names in private.items() if names}
+    assert not private, f"private names of scail2.data used by the preference package: {private}"

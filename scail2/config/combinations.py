@@ -40,7 +40,7 @@ def _is_subclass(target: str, path: str, base: type) -> bool:
 
 def check_combination(cfg: DictConfig) -> None:
     """Raise `ConfigError` for a combination of options that cannot train together (see the module docstring)."""
-    from scail2.data.preference_data import PreferenceDataModule
+    from scail2.preference.datamodule import PreferenceDataModule
     from scail2.lit.dpo import DPOModule
 
     choices = _choices()

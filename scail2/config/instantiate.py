@@ -32,7 +32,7 @@ SHIPPED_TARGETS: frozenset[str] = frozenset(
         "lightning.pytorch.loggers.MLFlowLogger",
         "torch.optim.AdamW",
         "scail2.data.datamodule.MotionDataModule",
-        "scail2.data.preference_data.PreferenceDataModule",
+        "scail2.preference.datamodule.PreferenceDataModule",
         "scail2.lit.callbacks.DataSkipMonitor",
         "scail2.lit.callbacks.ThroughputMonitor",
         "scail2.lit.callbacks.progress_bar",

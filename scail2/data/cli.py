@@ -158,8 +158,8 @@ def _parse_manifest(path: Path) -> tuple[list, list]:
 
 
 def _preference(args: argparse.Namespace) -> int:
-    from scail2.data.preference_builder import BuildOptions, MinHandDifference, build_preferences, load_components
-    from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES
+    from scail2.preference.builder import BuildOptions, MinHandDifference, build_preferences, load_components
+    from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES
 
     try:
         components = load_components(args.components, (*DEFAULT_ALLOWED_PREFIXES, *(args.allow or ())))
@@ -189,8 +189,8 @@ def _preference(args: argparse.Namespace) -> int:
 def _preference_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from scail2.data.preference import load_preference_manifest
-    from scail2.data.preference_data import build_preference_cache
+    from scail2.preference.records import load_preference_manifest
+    from scail2.preference.cache import build_preference_cache
     from scail2.encoders.bundle import Encoders
 
     records = load_preference_manifest(args.manifest)
@@ -216,7 +216,7 @@ def _preference_cache(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from scail2.data.engine.prepare import PrepareOptions, prepare_videos
-    from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES
+    from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES
 
     try:
         options = PrepareOptions(
@@ -249,7 +249,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _motionpair(args: argparse.Namespace) -> int:
     from scail2.data.engine.motionpair import MotionPairOptions, synthesize_pairs
-    from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES
+    from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES
 
     try:
         options = MotionPairOptions(

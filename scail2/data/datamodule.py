@@ -120,15 +120,48 @@ def build_sampler(
 
 
 class SampledDataModule(L.LightningDataModule):
-    """What the motion and preference data modules share: the dataset built once (`build_dataset`), a loader of
-    ``loader_class`` over a per-rank `MixBatchSampler`, its position saved and restored with checkpoints, and
-    the skip counters. Subclasses set the attributes ``weights``, ``batch_size``, ``samples_per_epoch``,
-    ``seed``, ``num_workers``, ``pin_memory``, ``persistent_workers`` and implement `build_dataset`."""
+    """What the motion and preference data modules share: the arguments of both (a cache or a manifest of raw
+    videos, buckets, batch size, sampling weights and seed, loader settings), the dataset built once
+    (`build_dataset`), a loader of ``loader_class`` over a per-rank `MixBatchSampler`, its position saved and
+    restored with checkpoints, and the skip counters. Subclasses implement `build_dataset`."""
 
     loader_class: type[MotionDataLoader] = MotionDataLoader
+    cache_name: str = "latent cache"  # what ``cache_dir`` holds, for messages
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        manifest: str | Path | None,
+        cache_dir: str | Path | None,
+        encoders_root: str | Path | None,
+        buckets: Sequence[Bucket | Mapping | str],
+        batch_size: int,
+        num_workers: int,
+        weights: Mapping[str, float],
+        samples_per_epoch: int | None,
+        seed: int,
+        video_backend: Backend,
+        max_attempts: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+    ) -> None:
         super().__init__()
+        if manifest is None and cache_dir is None:
+            raise ValueError(f"{type(self).__name__} needs cache_dir ({self.cache_name}) or manifest (+ encoders_root)")
+        if cache_dir is None and encoders_root is None:
+            raise ValueError("the raw-video path (manifest without cache_dir) needs encoders_root")
+        self.manifest = Path(manifest) if manifest is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.encoders_root = Path(encoders_root) if encoders_root is not None else None
+        self.buckets = [Bucket.parse(b) for b in buckets]
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.weights = {str(k): float(v) for k, v in weights.items()}
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.video_backend = video_backend
+        self.max_attempts = max_attempts
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.dataset: PairDatasetBase | None = None
         self._loader: MotionDataLoader | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -221,20 +254,10 @@ class MotionDataModule(SampledDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
     ):
-        super().__init__()
-        if manifest is None and cache_dir is None:
-            raise ValueError("MotionDataModule needs cache_dir (latent cache) or manifest (+ encoders_root)")
-        if cache_dir is None and encoders_root is None:
-            raise ValueError("the raw-video path (manifest without cache_dir) needs encoders_root")
-        self.manifest = Path(manifest) if manifest is not None else None
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.encoders_root = Path(encoders_root) if encoders_root is not None else None
-        self.buckets = [Bucket.parse(b) for b in buckets]
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.weights = {str(k): float(v) for k, v in weights.items()}
-        self.samples_per_epoch = samples_per_epoch
-        self.seed = seed
+        super().__init__(
+            manifest, cache_dir, encoders_root, buckets, batch_size, num_workers, weights, samples_per_epoch, seed,
+            video_backend, max_attempts, pin_memory, persistent_workers,
+        )  # fmt: skip
         if isinstance(augment, Mapping):
             # Config lists (also OmegaConf ListConfig) become the dataclass's tuples.
             augment = AugmentOptions(
@@ -242,10 +265,6 @@ class MotionDataModule(SampledDataModule):
             )
         self.augment = augment
         self.fixed_pixel_seed = fixed_pixel_seed
-        self.video_backend = video_backend
-        self.max_attempts = max_attempts
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
 
     def build_dataset(self) -> PairDatasetBase:
         if self.cache_dir is not None:

@@ -1,6 +1,6 @@
 """Map-style datasets indexed by `SampleKey`, yielding `LatentSample` (collate with `collate_samples`).
 
-- `MotionPairDataset`: the slow path. Decodes raw videos, cuts the clip, fits the bucket, builds the
+- `MotionPairDataset` (a `RawPairDataset`): the slow path. Decodes raw videos, cuts the clip, fits the bucket, builds the
   28-channel masks and runs the frozen encoders, per sample.
 - `LatentCacheDataset`: the fast path. Reads what ``scail2-data cache`` wrote.
 
@@ -152,25 +152,21 @@ class PairDatasetBase(Dataset):
         )
 
 
-class MotionPairDataset(PairDatasetBase):
-    """Raw videos -> `LatentSample` (decode, clip, masks, encoders) for each `SampleKey`.
+class RawPairDataset(PairDatasetBase):
+    """Records of raw videos -> samples encoded on the fly: what the motion and preference raw datasets share.
 
-    records: parsed manifest records. buckets: the allowed `Bucket` shapes; each record goes to the bucket
-    of the closest aspect ratio and the longest clip it can fill (records too short for all are excluded and
-    counted as ``too_short``).
-    encoders_root / encoders: the frozen encoders, loaded lazily per process from ``encoders_root``
-    (an already loaded ``encoders`` object is used in this process only and dropped when pickled to workers).
-    fixed_seed: None draws pixel choices (clip, crop, reference frame, orientation) per draw; an int fixes
-    them per record, as the latent cache does with its seed.
+    Each record goes to the bucket of the closest aspect ratio and the longest clip it can fill (records too short
+    for all, or whose main video cannot be opened, are excluded and counted). encoders_root / encoders: the frozen
+    encoders, loaded lazily per process from ``encoders_root`` (an already loaded ``encoders`` object is used in
+    this process only and dropped when pickled to workers). Subclasses implement `record_meta`, `record_class`
+    and `_load`.
     """
 
     def __init__(
         self,
-        records: Sequence[MotionRecord],
-        buckets: Sequence[Bucket],
+        records: Sequence,
+        buckets: Sequence[Bucket | Mapping | str],
         encoders_root: str | Path | None = None,
-        options: AugmentOptions | None = None,
-        fixed_seed: int | None = None,
         backend: Backend = "auto",
         max_attempts: int = 8,
         encoders: "Encoders | None" = None,
@@ -178,22 +174,20 @@ class MotionPairDataset(PairDatasetBase):
     ):
         super().__init__(max_attempts)
         if encoders_root is None and encoders is None:
-            raise ValueError("MotionPairDataset needs encoders_root (a folder for Encoders.from_pretrained) or encoders")
+            raise ValueError(f"{type(self).__name__} needs encoders_root (a folder for Encoders.from_pretrained) or encoders")
         self.encoders_root = Path(encoders_root) if encoders_root is not None else None
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self._encoders = encoders
-        self.options = options if options is not None else AugmentOptions()
-        self.fixed_seed = fixed_seed
         self.backend = backend
         self.buckets = [Bucket.parse(b) for b in buckets]
         if not self.buckets:
             raise ValueError("no buckets given; e.g. buckets=[Bucket(frames=81, height=512, width=896)]")
-        self.records: list[MotionRecord] = []
+        self.records: list = []
         self.metas: list[VideoMeta] = []
         self.item_buckets = []
         for record in records:
             try:
-                meta = record_meta(record, backend)
+                meta = self.record_meta(record)
             except SampleError as exc:
                 log.warning("excluding %s: %s", record.id, exc)
                 self._count(self._excluded, record.source, exc.reason)
@@ -209,8 +203,16 @@ class MotionPairDataset(PairDatasetBase):
         if not self.records:
             raise ValueError(f"no usable records (excluded: {self._excluded}); check the manifest with `scail2-data validate`")
         self.item_sources = [r.source for r in self.records]
-        self.item_classes = [r.source_class for r in self.records]
+        self.item_classes = [self.record_class(r) for r in self.records]
         self._index_items()
+
+    def record_meta(self, record) -> VideoMeta:
+        """Frame count, fps and size of the record's main video (raises `SampleError`)."""
+        raise NotImplementedError
+
+    def record_class(self, record) -> str:
+        """The sampling class of a record (`scail2.data.sampling.mix_groups`)."""
+        raise NotImplementedError
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -232,6 +234,37 @@ class MotionPairDataset(PairDatasetBase):
     def null_text(self):
         """umT5 of the empty caption, (1, text_len, text_dim) float32."""
         return self.encoders.text.null_embedding().float().cpu()
+
+
+class MotionPairDataset(RawPairDataset):
+    """Raw videos -> `LatentSample` (decode, clip, masks, encoders) for each `SampleKey`.
+
+    records: parsed manifest records. buckets: the allowed `Bucket` shapes (see `RawPairDataset`).
+    fixed_seed: None draws pixel choices (clip, crop, reference frame, orientation) per draw; an int fixes
+    them per record, as the latent cache does with its seed.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[MotionRecord],
+        buckets: Sequence[Bucket],
+        encoders_root: str | Path | None = None,
+        options: AugmentOptions | None = None,
+        fixed_seed: int | None = None,
+        backend: Backend = "auto",
+        max_attempts: int = 8,
+        encoders: "Encoders | None" = None,
+        encoder_kwargs: Mapping | None = None,
+    ):
+        super().__init__(records, buckets, encoders_root, backend, max_attempts, encoders, encoder_kwargs)
+        self.options = options if options is not None else AugmentOptions()
+        self.fixed_seed = fixed_seed
+
+    def record_meta(self, record: MotionRecord) -> VideoMeta:
+        return record_meta(record, self.backend)
+
+    def record_class(self, record: MotionRecord) -> str:
+        return record.source_class
 
     def _load(self, item: int, seed: int) -> LatentSample:
         record, meta, bucket = self.records[item], self.metas[item], self.item_buckets[item]

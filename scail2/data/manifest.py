@@ -12,13 +12,22 @@ the line, the record id and the field.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from scail2.data.batch import MODES
+from scail2.data.records import (
+    BoxTrack,
+    ManifestError,
+    RecordFields,
+    collect_records,
+    iter_jsonl,
+    parse_rows,
+    relative_path,
+    type_name,
+    write_jsonl,
+)
 
 # Sources of the paper's data mix (SPEC §6); any other name is accepted as a user-defined source.
 BUILTIN_SOURCES: tuple[str, ...] = (
@@ -45,19 +54,10 @@ FPS_RANGE: tuple[float, float] = (1.0, 1000.0)
 # The three sampling classes of the training mix (paper App. A: 60 / 20 / 20).
 SOURCE_CLASSES: tuple[str, ...] = ("animation", "replacement", "pose")
 
-BoxTrack = list[list[tuple[float, float, float, float]]]  # per frame: list of (x0, y0, x1, y1) in pixels
-
-
-class ManifestError(ValueError):
-    """A record that cannot be parsed; ``str()`` names the line, the record id and the field."""
-
-    def __init__(self, record_id: str | None, field_name: str, reason: str, line: int | None = None):
-        self.record_id = record_id
-        self.field = field_name
-        self.reason = reason
-        self.line = line
-        where = f"line {line}: " if line is not None else ""
-        super().__init__(f"{where}{record_id or '<no id>'}: {field_name}: {reason}")
+__all__ = [
+    "BUILTIN_SOURCES", "FPS_RANGE", "PAPER_PAIR_COUNTS", "SOURCE_CLASSES", "BoxTrack", "ManifestError", "MotionRecord",
+    "Regions", "group_by_source", "iter_manifest", "load_manifest", "parse_record", "write_manifest",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Regions:
 
     def to_json(self, base: Path) -> Any:
         if self.video is not None:
-            return _relative(self.video, base)
+            return relative_path(self.video, base)
         return [[list(b) for b in frame] for frame in self.boxes or []]
 
 
@@ -141,7 +141,7 @@ class MotionRecord:
             if value is None or (f.name == "meta" and not value):
                 continue
             if isinstance(value, Path):
-                value = _relative(value, base)
+                value = relative_path(value, base)
             elif isinstance(value, Regions):
                 value = value.to_json(base)
             out[f.name] = value
@@ -162,126 +162,35 @@ _KNOWN = {f.name for f in fields(MotionRecord)}
 _JSON_COLUMNS = ("reference", "hands", "faces", "ocr", "meta")
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return path.relative_to(base).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _parse_regions(raw: Any, name: str, base: Path, fail) -> Regions:
+def _parse_regions(fields_: RecordFields, name: str) -> Regions:
+    raw = fields_.raw[name]
     if isinstance(raw, str):
         if not raw:
-            fail(name, "empty path; give a mask video path or a per-frame list of boxes")
-        return Regions(video=(base / raw).resolve())
+            fields_.fail(name, "empty path; give a mask video path or a per-frame list of boxes")
+        return Regions(video=(fields_.base / raw).resolve())
     if not isinstance(raw, list):
-        fail(name, f"expected a mask video path or a per-frame list of [x0, y0, x1, y1] boxes, got {_type_name(raw)}")
-    track: BoxTrack = []
-    for i, frame in enumerate(raw):
-        if not isinstance(frame, list):
-            fail(name, f"frame {i}: expected a list of boxes, got {_type_name(frame)}")
-        boxes = []
-        for j, box in enumerate(frame):
-            ok = isinstance(box, list) and len(box) == 4
-            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-            if not ok:
-                fail(name, f"frame {i} box {j}: expected [x0, y0, x1, y1] numbers, got {box!r}")
-            x0, y0, x1, y1 = (float(v) for v in box)
-            if not (x1 > x0 and y1 > y0):
-                fail(name, f"frame {i} box {j}: {box!r} is empty; need x1 > x0 and y1 > y0")
-            boxes.append((x0, y0, x1, y1))
-        track.append(boxes)
-    return Regions(boxes=track)
+        fields_.fail(name, f"expected a mask video path or a per-frame list of [x0, y0, x1, y1] boxes, got {type_name(raw)}")
+    return Regions(boxes=fields_.box_track(name, raw))
 
 
 def parse_record(raw: Any, base: Path, line: int | None = None) -> MotionRecord:
     """Parse one manifest object; paths are resolved against ``base``. Raises `ManifestError`."""
-    record_id = raw.get("id") if isinstance(raw, dict) else None
-    record_id = record_id if isinstance(record_id, str) else None
-
-    def fail(name: str, reason: str):
-        raise ManifestError(record_id, name, reason, line)
-
-    if not isinstance(raw, dict):
-        fail("<record>", f"expected a JSON object, got {_type_name(raw)}")
-    unknown = sorted(set(raw) - _KNOWN)
-    if unknown:
-        fail(unknown[0], f"unknown key; known keys are {sorted(_KNOWN)} (put free-form data under 'meta')")
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        fail(missing[0], "required key is missing")
-
-    values: dict[str, Any] = {}
-    for name in ("id", "source", "caption"):
-        if name in raw:
-            if not isinstance(raw[name], str):
-                fail(name, f"expected a string, got {_type_name(raw[name])} {raw[name]!r}")
-            values[name] = raw[name]
-    if not values["id"]:
-        fail("id", "empty id")
-    if not values["source"]:
-        fail("source", "empty source name")
-    mode = raw["mode"]
-    if mode not in MODES:
-        fail("mode", f"{mode!r} is not a mode; use one of {MODES}")
-    values["mode"] = mode
-    for name in _PATH_FIELDS:
-        if name not in raw or (raw[name] is None and name not in _REQUIRED):
-            continue
-        if not isinstance(raw[name], str) or not raw[name]:
-            fail(name, f"expected a non-empty path string, got {_type_name(raw[name])} {raw[name]!r}")
-        values[name] = (base / raw[name]).resolve()
-    ref = raw["reference"]
-    if isinstance(ref, bool) or not isinstance(ref, (int, str)) or ref == "":
-        fail("reference", f"expected a target frame index (int) or an image path (string), got {_type_name(ref)} {ref!r}")
-    if isinstance(ref, int) and ref < 0:
-        fail("reference", f"frame index {ref} is negative; use 0 <= index < target frames")
-    values["reference"] = ref if isinstance(ref, int) else (base / ref).resolve()
-    fps = raw["fps"]
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        fail("fps", f"expected a positive number, got {_type_name(fps)} {fps!r}")
-    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
-        fail("fps", f"{fps!r} is not a video frame rate; give the video's rate, between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}")
-    values["fps"] = float(fps)
-    for name in _BOOL_FIELDS:
-        if name in raw:
-            if not isinstance(raw[name], bool):
-                fail(name, f"expected true or false, got {_type_name(raw[name])} {raw[name]!r}")
-            values[name] = raw[name]
-    for name in _INT_FIELDS:
-        if name in raw and raw[name] is not None:
-            v = raw[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                fail(name, f"expected a positive integer, got {_type_name(v)} {v!r}")
-            values[name] = v
+    f = RecordFields(raw, base, line, _KNOWN, _REQUIRED)
+    f.strings(("id", "source", "caption"))
+    if not f.values["source"]:
+        f.fail("source", "empty source name")
+    f.mode()
+    f.paths(_PATH_FIELDS)
+    f.reference("target")
+    f.fps(FPS_RANGE)
+    f.booleans(_BOOL_FIELDS)
+    f.positive_ints(_INT_FIELDS)
     for name in _REGION_FIELDS:
-        if name in raw and raw[name] is not None:
-            values[name] = _parse_regions(raw[name], name, base, fail)
-    if "meta" in raw:
-        if not isinstance(raw["meta"], dict):
-            fail("meta", f"expected a JSON object, got {_type_name(raw['meta'])}")
-        values["meta"] = raw["meta"]
-    if ("driving_aug" in values) != ("driving_mask_aug" in values):
-        given = "driving_aug" if "driving_aug" in values else "driving_mask_aug"
-        other = "driving_mask_aug" if given == "driving_aug" else "driving_aug"
-        fail(other, f"missing while {given} is given; the swap replaces the driving video and its mask together")
-    return MotionRecord(**values)
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                # Yielded, not raised: the lines after a bad one are still read.
-                yield number, ManifestError(None, "<json>", f"not valid JSON ({exc.msg} at column {exc.colno})", number)
+        if f.given(name):
+            f.values[name] = _parse_regions(f, name)
+    f.meta()
+    f.together("driving_aug", "driving_mask_aug", "the swap replaces the driving video and its mask together")
+    return MotionRecord(**f.values)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -302,38 +211,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         yield number, row
 
 
-def parse_rows(rows: Iterable[tuple[int, Any]], parse: Callable[[Any, Path, int], Any], base: Path) -> Iterator[tuple[int, Any]]:
-    """``(line, record or ManifestError)`` for raw rows (``(line, dict or ManifestError)``) through ``parse``."""
-    for number, raw in rows:
-        if isinstance(raw, ManifestError):
-            yield number, raw
-            continue
-        try:
-            yield number, parse(raw, base, number)
-        except ManifestError as exc:
-            yield number, exc
-
-
-def collect_records(items: Iterable[tuple[int, Any]], path: str | Path, what: str = "manifest") -> list[Any]:
-    """The records of ``(line, record or ManifestError)`` items; raise on the first bad record or duplicate id."""
-    records: list[Any] = []
-    seen: dict[str, int] = {}
-    for number, item in items:
-        if isinstance(item, ManifestError):
-            raise item
-        if item.id in seen:
-            raise ManifestError(item.id, "id", f"duplicate id (first on line {seen[item.id]})", number)
-        seen[item.id] = number
-        records.append(item)
-    if not records:
-        raise ValueError(f"{what} {path} has no records")
-    return records
-
-
 def iter_manifest(path: str | Path) -> Iterator[tuple[int, MotionRecord | ManifestError]]:
     """Yield ``(line, record or ManifestError)`` for every record; never raises on a bad record."""
     path = Path(path)
-    rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
+    rows = _iter_parquet(path) if path.suffix == ".parquet" else iter_jsonl(path)
     return parse_rows(rows, parse_record, path.resolve().parent)
 
 
@@ -361,12 +242,7 @@ def write_manifest(path: str | Path, records: Iterable[MotionRecord]) -> Path:
                     row[key] = json.dumps(row[key])
         pq.write_table(pa.Table.from_pylist(rows), path)
         return path
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
-    tmp.replace(path)
-    return path
+    return write_jsonl(path, rows)
 
 
 def group_by_source(records: Sequence[MotionRecord]) -> dict[str, list[int]]:

@@ -116,13 +116,19 @@ def record_meta(record: MotionRecord, backend: Backend = "auto") -> VideoMeta:
 
     Raises `SampleError` (reason ``missing`` / ``empty`` / ``unreadable``) when the file cannot be opened.
     """
+    return video_meta(record, "target", backend)
+
+
+def video_meta(record, field_name: str, backend: Backend = "auto") -> VideoMeta:
+    """`VideoMeta` of the record's video ``field_name`` at the record's fps: the record's ``frames`` /
+    ``height`` / ``width`` when all are given, else the file's header. Raises `SampleError`."""
     if record.frames is not None and record.height is not None and record.width is not None:
         return VideoMeta(record.frames, record.fps, record.height, record.width)
     try:
-        with VideoReader(record.target, backend) as reader:
+        with VideoReader(getattr(record, field_name), backend) as reader:
             return VideoMeta(reader.num_frames, record.fps, *reader.size)
     except VideoDecodeError as exc:
-        raise SampleError(exc.reason, "target", exc.detail) from None
+        raise SampleError(exc.reason, field_name, exc.detail) from None
 
 
 @dataclass(frozen=True)
@@ -210,8 +216,9 @@ def _to_tchw(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 3, 1, 2)  # (F, H, W, 3) -> (F, 3, H, W)
 
 
-class _Reads:
-    """Opens each file once, maps decode failures to `SampleError`, closes everything on exit."""
+class VideoReads:
+    """Opens each file once, maps decode failures to `SampleError` naming the record's field, closes everything
+    on exit. ``with VideoReads(backend) as io: frames = io.read(io.open(path, "target"), indices, "target")``."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -241,7 +248,7 @@ class _Reads:
         except VideoDecodeError as exc:
             raise SampleError(exc.reason, field_name, exc.detail) from None
 
-    def __enter__(self) -> "_Reads":
+    def __enter__(self) -> "VideoReads":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -250,13 +257,20 @@ class _Reads:
         self.readers.clear()
 
 
-def _same_size(a: tuple[int, int], b: tuple[int, int], field_name: str, other: str) -> None:
+def check_same_size(a: tuple[int, int], b: tuple[int, int], field_name: str, other: str) -> None:
+    """Raise `SampleError` ("mismatch") when the (height, width) ``a`` of ``field_name`` is not ``b`` of ``other``."""
     if a != b:
         raise SampleError("mismatch", field_name, f"is {a[0]}x{a[1]} but {other} is {b[0]}x{b[1]}")
 
 
 _BLACK = (0, 0, 0)
 _WHITE = (255, 255, 255)
+
+
+def mask_fill(mode: str) -> tuple[int, int, int]:
+    """The colour that pads a driving mask cropped past its frame: the mode's driving background (animation:
+    black, replacement: white, the environment switch)."""
+    return _BLACK if mode == "animation" else _WHITE
 
 
 def load_pixel_sample(
@@ -270,7 +284,7 @@ def load_pixel_sample(
     ``driving_aug``); a forward sample only has ``driving`` (the real video). Raises `SampleError`.
     """
     size = (bucket.height, bucket.width)
-    mask_fill = _BLACK if record.mode == "animation" else _WHITE
+    driving_fill = mask_fill(record.mode)
     if choices.forward:
         # The synthetic video becomes the target; the real video (with its mask) drives.
         target_path, target_field = record.driving, "driving"
@@ -287,7 +301,7 @@ def load_pixel_sample(
     if not wanted:
         raise ValueError(f"record {record.id}: none of the driving signals {list(drivings)} exists")
 
-    with _Reads(backend) as io:
+    with VideoReads(backend) as io:
         target_reader = io.open(target_path, target_field)
         n = target_reader.num_frames
         try:
@@ -312,19 +326,19 @@ def load_pixel_sample(
             if choices.reference_frame is not None:
                 mask_reader = io.open(ref_mask_video, ref_mask_field)
                 ref_mask_src = io.read(mask_reader, [ref_index], ref_mask_field)
-                _same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), ref_mask_field, target_field)
+                check_same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), ref_mask_field, target_field)
                 # A frame of a video's mask is drawn on the driving side's background: redraw it on the
                 # reference side's (animation: black -> white; replacement: white -> black).
                 ref_mask_src = video_mask_to_reference(ref_mask_src, record.mode)
             else:
                 ref_mask_src = io.image(record.reference_mask, "reference_mask")[None]
-                _same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), "reference_mask", "the target")
+                check_same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), "reference_mask", "the target")
             reference_mask = crop_resize(ref_mask_src, tbox, size, mode="nearest")[0]
         else:
             image = io.image(record.reference, "reference")
             rbox = cover_box(image.shape[-2], image.shape[-1], *size)
             ref_mask_src = io.image(record.reference_mask, "reference_mask")
-            _same_size(tuple(ref_mask_src.shape[-2:]), tuple(image.shape[-2:]), "reference_mask", "the reference image")
+            check_same_size(tuple(ref_mask_src.shape[-2:]), tuple(image.shape[-2:]), "reference_mask", "the reference image")
             reference = crop_resize(image[None], rbox, size)[0]
             reference_mask = crop_resize(ref_mask_src[None], rbox, size, mode="nearest")[0]
 
@@ -342,8 +356,8 @@ def load_pixel_sample(
                 cy, cx = centre if centre is not None else (dh / 2, dw / 2)
                 dbox = dbox.scaled_about(choices.skeleton_scale, cy, cx)
             mask = io.read(io.open(mask_path, mask_field), indices, mask_field)
-            _same_size(tuple(mask.shape[-2:]), (dh, dw), mask_field, video_field)
-            loaded[name] = (crop_resize(video, dbox, size), crop_resize(mask, dbox, size, mode="nearest", fill=mask_fill))
+            check_same_size(tuple(mask.shape[-2:]), (dh, dw), mask_field, video_field)
+            loaded[name] = (crop_resize(video, dbox, size), crop_resize(mask, dbox, size, mode="nearest", fill=driving_fill))
 
         regions: dict[str, torch.Tensor] = {}
         for name in REGION_NAMES:
@@ -352,7 +366,7 @@ def load_pixel_sample(
                 continue
             if spec.video is not None:
                 region = io.read(io.open(spec.video, name), indices, name)
-                _same_size(tuple(region.shape[-2:]), (th, tw), name, "the target")
+                check_same_size(tuple(region.shape[-2:]), (th, tw), name, "the target")
                 regions[name] = threshold_region(crop_resize(region, tbox, size, mode="nearest"))
             else:
                 track = spec.boxes or []

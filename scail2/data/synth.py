@@ -122,7 +122,8 @@ class Motion:
     joints: np.ndarray  # (8, 4): base, amplitude, frequency, phase of lean, shoulders, elbows, hips, knees
 
 
-def _random_character(rng: np.random.Generator, scale: tuple[float, float], exclude: Sequence[str] = ()) -> Character:
+def random_character(rng: np.random.Generator, scale: tuple[float, float], exclude: Sequence[str] = ()) -> Character:
+    """A random figure of height ``scale`` (a range, as a fraction of the frame) in a colour not in ``exclude``."""
     names = [c for c in _COLOURS if c not in exclude]
     colour = names[int(rng.integers(len(names)))]
     hands = rng.random() < 0.6
@@ -137,7 +138,8 @@ def _random_character(rng: np.random.Generator, scale: tuple[float, float], excl
     )
 
 
-def _random_motion(rng: np.random.Generator, x0: float, speed: float) -> Motion:
+def random_motion(rng: np.random.Generator, x0: float, speed: float) -> Motion:
+    """A random motion rooted at ``x0`` (a fraction of the width); ``speed`` scales every frequency."""
     joints = np.stack(
         [
             [0.0, rng.uniform(0.0, 0.15), rng.uniform(0.3, 1.0) * speed, rng.uniform(0, 2 * math.pi)],  # lean
@@ -164,7 +166,7 @@ def _direction(angle: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(angle), np.cos(angle)], axis=-1)
 
 
-def _pose(motion: Motion, character: Character, t: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
+def pose_joints(motion: Motion, character: Character, t: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
     """Joint positions (F, 2) in pixels (x, y) for every joint of one character performing a motion."""
     fh = character.scale * height
     torso_f, arm_f, leg_f = character.proportions
@@ -194,7 +196,7 @@ def _pose(motion: Motion, character: Character, t: np.ndarray, height: int, widt
     }  # fmt: skip
 
 
-# Joint names of `_pose` / `draw_posed`, in the order pose arrays use.
+# Joint names of `pose_joints` / `draw_posed`, in the order pose arrays use.
 JOINTS: tuple[str, ...] = (
     "pelvis", "neck", "head", "elbow_l", "elbow_r", "hand_l", "hand_r", "knee_l", "knee_r", "foot_l", "foot_r",
 )  # fmt: skip
@@ -247,7 +249,7 @@ def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float) -> np.nda
     return np.ones_like(yy)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, str]:
+def random_background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, str]:
     """A textured (H, W, 3) float32 background in [0, 255] and its caption word."""
     kind = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
     yy, xx = _grid(height, width)
@@ -268,14 +270,18 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
 
 
 @dataclass
-class _Drawn:
+class DrawnScene:
+    """What `draw_posed` returns."""
+
     frames: np.ndarray  # (F, H, W, 3) uint8
     masks: np.ndarray  # (K, F, H, W) bool, visible part of each character
     hands: list[list[tuple[float, float, float, float]]]  # per frame boxes
     faces: list[list[tuple[float, float, float, float]]]
 
 
-def _box(c: np.ndarray, r: float, height: int, width: int) -> tuple[float, float, float, float] | None:
+def joint_box(c: np.ndarray, r: float, height: int, width: int) -> tuple[float, float, float, float] | None:
+    """The (x0, y0, x1, y1) box of radius ``r`` about the pixel point ``c`` (x, y), clipped to the frame; None
+    when the point is not finite (undetected) or the clipped box is under a pixel wide."""
     if not np.isfinite(c).all():  # an undetected joint (NaN, from a pose estimate) has no box
         return None
     x0, y0, x1, y1 = max(0.0, c[0] - r), max(0.0, c[1] - r), min(float(width), c[0] + r), min(float(height), c[1] + r)
@@ -284,13 +290,13 @@ def _box(c: np.ndarray, r: float, height: int, width: int) -> tuple[float, float
 
 def _draw_scene(
     background: np.ndarray, cast: Sequence[tuple[Character, Motion]], t: np.ndarray
-) -> _Drawn:
+) -> DrawnScene:
     """Draw characters (back to front, in order) over a background; also return masks and boxes."""
     height, width = background.shape[:2]
-    return draw_posed(background, [(c, _pose(m, c, t, height, width)) for c, m in cast])
+    return draw_posed(background, [(c, pose_joints(m, c, t, height, width)) for c, m in cast])
 
 
-def draw_posed(background: np.ndarray, cast: Sequence[tuple[Character, dict[str, np.ndarray]]]) -> _Drawn:
+def draw_posed(background: np.ndarray, cast: Sequence[tuple[Character, dict[str, np.ndarray]]]) -> DrawnScene:
     """Draw characters at given joint positions (back to front, in order) over an (H, W, 3) background.
 
     cast: per character its appearance and its joints by name (`JOINTS`), each (F, 2) pixel (x, y). A NaN
@@ -325,11 +331,11 @@ def draw_posed(background: np.ndarray, cast: Sequence[tuple[Character, dict[str,
             silhouette = body | hand
             for i in range(f):
                 for name in ("hand_l", "hand_r"):
-                    box = _box(joints[name][i], hand_r, height, width)
+                    box = joint_box(joints[name][i], hand_r, height, width)
                     if box:
                         hands[i].append(box)
         for i in range(f):
-            box = _box(joints["head"][i], head_r, height, width)
+            box = joint_box(joints["head"][i], head_r, height, width)
             if box:
                 faces[i].append(box)
         silhouettes.append(silhouette)
@@ -339,7 +345,7 @@ def draw_posed(background: np.ndarray, cast: Sequence[tuple[Character, dict[str,
     for k in range(len(masks) - 1, -1, -1):
         masks[k] &= ~later
         later |= silhouettes[k]
-    return _Drawn(canvas.round().clip(0, 255).astype(np.uint8), masks, hands, faces)
+    return DrawnScene(canvas.round().clip(0, 255).astype(np.uint8), masks, hands, faces)
 
 
 def _draw_skeleton(cast: Sequence[tuple[Character, Motion]], t: np.ndarray, height: int, width: int, thickness: float, palette_shift: int) -> tuple[np.ndarray, np.ndarray]:
@@ -349,7 +355,7 @@ def _draw_skeleton(cast: Sequence[tuple[Character, Motion]], t: np.ndarray, heig
     canvas = np.zeros((f, height, width, 3), dtype=np.float32)
     masks = []
     for character, motion in cast:
-        joints = _pose(motion, character, t, height, width)
+        joints = pose_joints(motion, character, t, height, width)
         radius = max(0.7, thickness * height)
         region = np.zeros((f, height, width), dtype=bool)
         for li, (a, b) in enumerate(_LIMBS):
@@ -362,7 +368,7 @@ def _draw_skeleton(cast: Sequence[tuple[Character, Motion]], t: np.ndarray, heig
     return canvas.astype(np.uint8), np.stack(masks)
 
 
-def _colour_mask(masks: np.ndarray, mode: str, order: list[int], reference: bool = False) -> np.ndarray:
+def colour_mask_video(masks: np.ndarray, mode: str, order: list[int], reference: bool = False) -> np.ndarray:
     """(K, F, H, W) bool -> uint8 (F, H, W, 3) colour-coded mask video."""
     video = character_masks_to_colour(torch.from_numpy(masks), mode, order, reference=reference).numpy()  # (F, 3, H, W)
     # Values are exactly -1 or 1: map to 0 / 255.
@@ -392,7 +398,8 @@ def _draw_sign(background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 _ACTIONS = ("dancing", "waving", "walking", "jumping", "turning", "moving")
 
 
-def _caption(cast: Sequence[Character], action: str, background: str, close: bool) -> str:
+def scene_caption(cast: Sequence[Character], action: str, background: str, close: bool) -> str:
+    """The caption of a scene: its characters, what they do and the background's word (`random_background`)."""
     people = " and ".join(f"a {c.colour} {c.texture} character" for c in cast)
     shot = "close-up shot of " if close else ""
     return f"{shot}{people} {action} in front of a {background} background"
@@ -442,8 +449,8 @@ def _draw_real_cast(rng: np.random.Generator, plan: _PairPlan) -> list[tuple[Cha
     """The character(s) and motion(s) of a pair's target video (the first draws after the plan)."""
     speed = 0.5 if plan.close else 1.0
     xs = np.linspace(0.25, 0.75, plan.multi) if plan.multi > 1 else np.array([rng.uniform(0.4, 0.6)])
-    motions = [_random_motion(rng, float(x), speed) for x in xs]
-    return [(_random_character(rng, _cast_scale(plan)), m) for m in motions]
+    motions = [random_motion(rng, float(x), speed) for x in xs]
+    return [(random_character(rng, _cast_scale(plan)), m) for m in motions]
 
 
 def target_cast(seed: int, index: int) -> list[tuple[Character, Motion]]:
@@ -457,7 +464,7 @@ def target_joints(
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Per character of pair ``index``'s target video: its appearance and joints (`JOINTS` -> (F, 2) pixels)."""
     t = np.arange(frames) / fps
-    return [(c, _pose(m, c, t, height, width)) for c, m in target_cast(seed, index)]
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index)]
 
 
 def joints_at(
@@ -465,7 +472,7 @@ def joints_at(
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Like `target_joints`, at given times in seconds (e.g. the source frames of a clip cut from the video)."""
     t = np.asarray(times, dtype=np.float64)
-    return [(c, _pose(m, c, t, height, width)) for c, m in target_cast(seed, index)]
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index)]
 
 
 def make_pair(
@@ -481,11 +488,11 @@ def make_pair(
     scale = _cast_scale(plan)
     real_cast = _draw_real_cast(rng, plan)
     # The synthetic character differs in colour from the real one it replaces.
-    synth_cast = [(_random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
-    aug_cast = [(_random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
-    bg_real, bg_word = _background(rng, height, width)
-    bg_synth, _ = _background(rng, height, width)
-    bg_aug, _ = _background(rng, height, width)
+    synth_cast = [(random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
+    aug_cast = [(random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
+    bg_real, bg_word = random_background(rng, height, width)
+    bg_synth, _ = random_background(rng, height, width)
+    bg_aug, _ = random_background(rng, height, width)
     if plan.mode == "replacement":
         bg_synth = bg_aug = bg_real  # the same scene, characters swapped
 
@@ -495,7 +502,7 @@ def make_pair(
     order = character_order(torch.from_numpy(real.masks), "x")
     files: dict[str, Path] = {}
     files["target"] = write_video(folder / "target.mp4", real.frames, fps, **rgb)
-    target_mask = _colour_mask(real.masks, plan.mode, order)
+    target_mask = colour_mask_video(real.masks, plan.mode, order)
 
     def synthetic(cast, background, shift):
         if plan.end_to_end:
@@ -506,12 +513,12 @@ def make_pair(
 
     video, masks = synthetic(synth_cast, bg_synth, 0)
     files["driving"] = write_video(folder / "driving.mp4", video, fps, **rgb)
-    files["driving_mask"] = write_video(folder / "driving_mask.mp4", _colour_mask(masks, plan.mode, order), fps, lossless=True)
+    files["driving_mask"] = write_video(folder / "driving_mask.mp4", colour_mask_video(masks, plan.mode, order), fps, lossless=True)
     if plan.aug:
         video, masks = synthetic(aug_cast, bg_aug, 3)
         files["driving_aug"] = write_video(folder / "driving_aug.mp4", video, fps, **rgb)
         files["driving_mask_aug"] = write_video(
-            folder / "driving_mask_aug.mp4", _colour_mask(masks, plan.mode, order), fps, lossless=True
+            folder / "driving_mask_aug.mp4", colour_mask_video(masks, plan.mode, order), fps, lossless=True
         )
 
     if plan.image_reference:
@@ -519,12 +526,12 @@ def make_pair(
         wall = np.full((height, width, 3), rng.uniform(60, 200, 3), dtype=np.float32)
         still = _draw_scene(wall, real_cast, np.zeros(1))
         files["reference"] = write_image(folder / "reference.png", still.frames[0])
-        ref_mask = _colour_mask(still.masks, plan.mode, order, reference=True)[0]
+        ref_mask = colour_mask_video(still.masks, plan.mode, order, reference=True)[0]
         reference: int | Path = files["reference"]
     else:
         ref_index = int(rng.integers(frames))
         files["target_mask"] = write_video(folder / "target_mask.mp4", target_mask, fps, lossless=True)
-        ref_mask = _colour_mask(real.masks[:, ref_index : ref_index + 1], plan.mode, order, reference=True)[0]
+        ref_mask = colour_mask_video(real.masks[:, ref_index : ref_index + 1], plan.mode, order, reference=True)[0]
         reference = ref_index
     files["reference_mask"] = write_image(folder / "reference_mask.png", ref_mask)
     ocr = None
@@ -544,7 +551,7 @@ def make_pair(
         driving_mask=files["driving_mask"],
         reference_mask=files["reference_mask"],
         fps=fps,
-        caption=_caption([c for c, _ in real_cast], _ACTIONS[int(rng.integers(len(_ACTIONS)))], bg_word, plan.close),
+        caption=scene_caption([c for c, _ in real_cast], _ACTIONS[int(rng.integers(len(_ACTIONS)))], bg_word, plan.close),
         end_to_end=plan.end_to_end,
         history_allowed=plan.history_allowed,
         hands=Regions(boxes=real.hands) if has_hands else None,

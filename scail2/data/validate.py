@@ -7,16 +7,18 @@
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from scail2.data.buckets import Bucket, assign_bucket
-from scail2.data.manifest import ManifestError, MotionRecord, iter_manifest
+from scail2.data.manifest import MotionRecord, iter_manifest
+from scail2.data.records import BoxTrack, ManifestError
 from scail2.data.transforms import TRAIN_FPS, resampled_length
 from scail2.data.video import VFR_TOLERANCE, VideoDecodeError, VideoReader, read_image, variable_rate
 
@@ -58,20 +60,24 @@ class RecordReport:
 
 
 @dataclass
-class _Video:
+class VideoInfo:
+    """What `probe_video` read of a video: frame count, container fps, (height, width) and, when kept, the
+    decoded frames (first, middle and last, or all with ``full``) for the palette check of masks."""
+
     frames: int
     fps: float
     size: tuple[int, int]
-    sample: np.ndarray | None  # decoded frames used for the palette check (masks only)
+    sample: np.ndarray | None
 
 
-def _check_video(path: Path, name: str, report: RecordReport, options: ValidateOptions, keep: bool) -> _Video | None:
+def probe_video(path: Path, name: str, report: RecordReport, options: ValidateOptions, keep: bool) -> VideoInfo | None:
+    """Open and decode a video as the checks need it; a failure is added to ``report`` (None returned)."""
     try:
         with VideoReader(path) as reader:
             n = reader.num_frames
             indices = list(range(n)) if options.full else sorted({0, n // 2, n - 1})
             frames = reader.read(indices)
-            info = _Video(n, reader.fps, reader.size, frames if keep else None)
+            info = VideoInfo(n, reader.fps, reader.size, frames if keep else None)
     except VideoDecodeError as exc:
         report.add(name, f"{exc.reason}: {exc.detail} ({path})")
         return None
@@ -87,13 +93,24 @@ def _check_video(path: Path, name: str, report: RecordReport, options: ValidateO
     return info
 
 
+def probe_videos(paths: dict[str, Path], masks: set[str], report: RecordReport, options: ValidateOptions) -> dict[str, VideoInfo]:
+    """`probe_video` for every video of a record by field name; the frames of the ``masks`` fields are kept."""
+    videos = {}
+    for name, path in paths.items():
+        info = probe_video(path, name, report, options, keep=name in masks)
+        if info is not None:
+            videos[name] = info
+    return videos
+
+
 def _unit(frames: np.ndarray) -> torch.Tensor:
     from scail2.conditioning.pixels import to_unit
 
     return to_unit(torch.from_numpy(frames).permute(0, 3, 1, 2))  # (F, 3, H, W) in [-1, 1]
 
 
-def _check_palette(frames: np.ndarray, name: str, report: RecordReport, options: ValidateOptions) -> None:
+def check_palette(frames: np.ndarray, name: str, report: RecordReport, options: ValidateOptions) -> None:
+    """Mask frames (F, H, W, 3) uint8 use the 8-colour mask palette (up to ``options.palette_tolerance``)."""
     from scail2.conditioning.masks import palette_violation_fraction
 
     fraction = palette_violation_fraction(_unit(frames))
@@ -105,16 +122,32 @@ def _check_palette(frames: np.ndarray, name: str, report: RecordReport, options:
         )
 
 
-def _white_fraction(frames: np.ndarray) -> float:
+def white_fraction(frames: np.ndarray) -> float:
+    """Share of white (environment-switch) pixels of mask frames (F, H, W, 3) uint8."""
     from scail2.conditioning.masks import ON_LEVEL
 
     return float((frames > ON_LEVEL).all(axis=-1).mean())
 
 
-def _check_reference_background(frames: np.ndarray, mode: str, report: RecordReport, options: ValidateOptions) -> None:
+def check_video_mask(frames: np.ndarray, name: str, mode: str, report: RecordReport, options: ValidateOptions) -> None:
+    """A driving-side mask video: on the palette, drawn on the mode's background (animation: black,
+    replacement: white, the environment switch)."""
+    check_palette(frames, name, report, options)
+    white = white_fraction(frames)
+    if mode == "animation" and white > options.palette_tolerance:
+        report.add(
+            name,
+            f"{white:.0%} white pixels in animation mode; the background must be black "
+            "(white is the replacement-mode environment switch)",
+        )
+    if mode == "replacement" and white == 0:
+        report.add(name, "no white pixels in replacement mode; the background must be white (the environment switch)")
+
+
+def check_reference_background(frames: np.ndarray, mode: str, report: RecordReport, options: ValidateOptions) -> None:
     """Reference masks are drawn on the mode's reference background (SPEC §3): white in animation mode (the
     reference's environment is kept), black in replacement mode; they reach the model as given."""
-    white = _white_fraction(frames)
+    white = white_fraction(frames)
     if mode == "animation" and white == 0:
         report.add(
             "reference_mask",
@@ -129,95 +162,101 @@ def _check_reference_background(frames: np.ndarray, mode: str, report: RecordRep
         )
 
 
-def validate_record(record: MotionRecord, options: ValidateOptions = ValidateOptions()) -> RecordReport:
-    """All checks of one parsed record."""
-    report = RecordReport(record.id)
-    masks = {"driving_mask", "driving_mask_aug", "target_mask"}
-    videos: dict[str, _Video] = {}
-    for name, path in record.video_fields().items():
-        info = _check_video(path, name, report, options, keep=name in masks)
-        if info is not None:
-            videos[name] = info
-    target = videos.get("target")
-    if target is not None:
-        for name, info in videos.items():
-            if name != "target" and info.frames != target.frames:
-                report.add(name, f"has {info.frames} frames but target has {target.frames}; every video of a pair needs the same count")
-            if name != "target" and info.size != target.size:
-                h, w = info.size
-                report.add(name, f"is {h}x{w} but target is {target.size[0]}x{target.size[1]}; videos and masks of a pair need one size")
-        for name in ("target", "driving"):
-            info = videos.get(name)
-            if info is not None and info.fps > 0 and abs(info.fps - record.fps) > options.fps_tolerance * record.fps:
-                report.add(name, f"container says {info.fps:g} fps but the record says fps={record.fps:g}")
-        for meta_field, actual in (("frames", target.frames), ("height", target.size[0]), ("width", target.size[1])):
-            declared = getattr(record, meta_field)
-            if declared is not None and declared != actual:
-                report.add(meta_field, f"record says {declared} but the target video has {actual}")
-        available = resampled_length(target.frames, record.fps, TRAIN_FPS)
-        if options.buckets:
-            h, w = target.size
-            if assign_bucket(target.frames, record.fps, h, w, options.buckets) is None:
-                shortest = min(b.frames for b in options.buckets)
-                report.add("target", f"too short: {available} frames at 16 fps; the shortest bucket needs {shortest}")
-        elif available < options.min_frames:
-            report.add("target", f"too short: {available} frames at 16 fps; need at least {options.min_frames}")
-
-    for name in sorted(masks & set(videos)):
-        info = videos[name]
-        if info.sample is None:
+def check_pair_videos(
+    record, videos: dict[str, VideoInfo], main: str, timed: Sequence[str], report: RecordReport, options: ValidateOptions
+) -> None:
+    """The videos of a pair agree with its ``main`` video (frame count and size), the ``timed`` ones with the
+    record's fps; the record's declared frames / height / width are the main video's; it fits a bucket (or
+    ``options.min_frames``). ``record`` has ``fps``, ``frames``, ``height`` and ``width``."""
+    info_main = videos[main]
+    for name, info in videos.items():
+        if name == main:
             continue
-        _check_palette(info.sample, name, report, options)
-        white = _white_fraction(info.sample)
-        if record.mode == "animation" and white > options.palette_tolerance:
-            report.add(
-                name,
-                f"{white:.0%} white pixels in animation mode; the background must be black "
-                "(white is the replacement-mode environment switch)",
-            )
-        if record.mode == "replacement" and white == 0:
-            report.add(name, "no white pixels in replacement mode; the background must be white (the environment switch)")
+        if info.frames != info_main.frames:
+            report.add(name, f"has {info.frames} frames but {main} has {info_main.frames}; every video of a pair needs the same count")
+        if info.size != info_main.size:
+            h, w = info.size
+            report.add(name, f"is {h}x{w} but {main} is {info_main.size[0]}x{info_main.size[1]}; videos and masks of a pair need one size")
+    for name in timed:
+        info = videos.get(name)
+        if info is not None and info.fps > 0 and abs(info.fps - record.fps) > options.fps_tolerance * record.fps:
+            report.add(name, f"container says {info.fps:g} fps but the record says fps={record.fps:g}")
+    for meta_field, actual in (("frames", info_main.frames), ("height", info_main.size[0]), ("width", info_main.size[1])):
+        declared = getattr(record, meta_field)
+        if declared is not None and declared != actual:
+            report.add(meta_field, f"record says {declared} but the {main} video has {actual}")
+    available = resampled_length(info_main.frames, record.fps, TRAIN_FPS)
+    if options.buckets:
+        h, w = info_main.size
+        if assign_bucket(info_main.frames, record.fps, h, w, options.buckets) is None:
+            shortest = min(b.frames for b in options.buckets)
+            report.add(main, f"too short: {available} frames at 16 fps; the shortest bucket needs {shortest}")
+    elif available < options.min_frames:
+        report.add(main, f"too short: {available} frames at 16 fps; need at least {options.min_frames}")
 
-    # Reference and its mask.
+
+def check_reference(record, main: VideoInfo | None, main_name: str, report: RecordReport, options: ValidateOptions) -> None:
+    """``record.reference`` (a frame index into the main video, or an image) and ``record.reference_mask`` (when
+    not None): the index is in range, files decode, the mask has the reference's size, palette and background."""
     ref_size = None
     if isinstance(record.reference, int):
-        if target is not None and record.reference >= target.frames:
-            report.add("reference", f"frame {record.reference} is past the end of the {target.frames}-frame target")
-        ref_size = target.size if target is not None else None
+        if main is not None and record.reference >= main.frames:
+            report.add("reference", f"frame {record.reference} is past the end of the {main.frames}-frame {main_name}")
+        ref_size = main.size if main is not None else None
     else:
         try:
             ref_size = read_image(record.reference).shape[:2]
         except VideoDecodeError as exc:
             report.add("reference", f"{exc.reason}: {exc.detail}")
+    if record.reference_mask is None:
+        return
     try:
         ref_mask = read_image(record.reference_mask)
         if ref_size is not None and tuple(ref_mask.shape[:2]) != tuple(ref_size):
             report.add("reference_mask", f"is {ref_mask.shape[0]}x{ref_mask.shape[1]} but the reference is {ref_size[0]}x{ref_size[1]}")
-        _check_palette(ref_mask[None], "reference_mask", report, options)
-        _check_reference_background(ref_mask[None], record.mode, report, options)
+        check_palette(ref_mask[None], "reference_mask", report, options)
+        check_reference_background(ref_mask[None], record.mode, report, options)
     except VideoDecodeError as exc:
         report.add("reference_mask", f"{exc.reason}: {exc.detail}")
 
-    # Region boxes.
+
+def check_boxes(name: str, track: BoxTrack, main: VideoInfo, main_name: str, report: RecordReport) -> None:
+    """A per-frame box track has one entry per frame of the main video and its boxes lie inside it."""
+    if len(track) != main.frames:
+        report.add(name, f"has boxes for {len(track)} frames but {main_name} has {main.frames}")
+    h, w = main.size
+    for i, frame in enumerate(track):
+        bad = [b for b in frame if b[0] < -1 or b[1] < -1 or b[2] > w + 1 or b[3] > h + 1]
+        if bad:
+            report.add(name, f"frame {i} box {list(bad[0])} lies outside the {h}x{w} {main_name}")
+            break
+
+
+_MOTION_MASKS = {"driving_mask", "driving_mask_aug", "target_mask"}
+
+
+def validate_record(record: MotionRecord, options: ValidateOptions = ValidateOptions()) -> RecordReport:
+    """All checks of one parsed record."""
+    report = RecordReport(record.id)
+    videos = probe_videos(record.video_fields(), _MOTION_MASKS, report, options)
+    target = videos.get("target")
+    if target is not None:
+        check_pair_videos(record, videos, "target", ("target", "driving"), report, options)
+    for name in sorted(_MOTION_MASKS & set(videos)):
+        if videos[name].sample is not None:
+            check_video_mask(videos[name].sample, name, record.mode, report, options)
+    check_reference(record, target, "target", report, options)
     for name in ("hands", "faces", "ocr"):
         region = getattr(record, name)
-        if region is None or region.boxes is None or target is None:
-            continue
-        if len(region.boxes) != target.frames:
-            report.add(name, f"has boxes for {len(region.boxes)} frames but target has {target.frames}")
-        h, w = target.size
-        for i, frame in enumerate(region.boxes):
-            bad = [b for b in frame if b[0] < -1 or b[1] < -1 or b[2] > w + 1 or b[3] > h + 1]
-            if bad:
-                report.add(name, f"frame {i} box {list(bad[0])} lies outside the {h}x{w} target")
-                break
+        if region is not None and region.boxes is not None and target is not None:
+            check_boxes(name, region.boxes, target, "target", report)
     return report
 
 
-def _validate_one(args: tuple[MotionRecord, ValidateOptions, int]) -> RecordReport:
-    record, options, line = args
+def _validate_one(args: tuple[Callable[[Any, ValidateOptions], RecordReport], Any, ValidateOptions, int]) -> RecordReport:
+    check, record, options, line = args
     try:
-        report = validate_record(record, options)
+        report = check(record, options)
     except Exception as exc:  # noqa: BLE001 - one record's failing check must not end the scan of the others
         report = RecordReport(record.id)
         report.add("<record>", f"a check failed: {type(exc).__name__}: {exc}")
@@ -225,12 +264,19 @@ def _validate_one(args: tuple[MotionRecord, ValidateOptions, int]) -> RecordRepo
     return report
 
 
-def validate_manifest(path: str | Path, options: ValidateOptions = ValidateOptions(), workers: int = 1) -> Iterator[RecordReport]:
-    """Yield a report per record (in manifest order), bad ones and good ones; parse errors included."""
-    jobs: list[tuple[MotionRecord, ValidateOptions, int]] = []
+def validate_items(
+    items: Iterable[tuple[int, Any]],
+    check: Callable[[Any, ValidateOptions], RecordReport],
+    options: ValidateOptions = ValidateOptions(),
+    workers: int = 1,
+) -> Iterator[RecordReport]:
+    """A report per ``(line, record or ManifestError)`` item of a manifest: parse errors and duplicate ids first,
+    then ``check(record, options)`` of every other record in manifest order (in ``workers`` processes when > 1;
+    ``check`` must then be a module-level function)."""
+    jobs: list[tuple[Callable, Any, ValidateOptions, int]] = []
     early: list[RecordReport] = []
     seen: dict[str, int] = {}
-    for line, item in iter_manifest(path):
+    for line, item in items:
         if isinstance(item, ManifestError):
             report = RecordReport(item.record_id or f"<line {line}>", line_number=line)
             report.add(item.field, item.reason)
@@ -242,7 +288,7 @@ def validate_manifest(path: str | Path, options: ValidateOptions = ValidateOptio
             early.append(report)
             continue
         seen[item.id] = line
-        jobs.append((item, options, line))
+        jobs.append((check, item, options, line))
     yield from early
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: forking a process that already runs decoder/torch threads can deadlock the child.
@@ -252,3 +298,7 @@ def validate_manifest(path: str | Path, options: ValidateOptions = ValidateOptio
         for job in jobs:
             yield _validate_one(job)
 
+
+def validate_manifest(path: str | Path, options: ValidateOptions = ValidateOptions(), workers: int = 1) -> Iterator[RecordReport]:
+    """Yield a report per record (parse errors and duplicate ids first, then every record in manifest order)."""
+    return validate_items(iter_manifest(path), validate_record, options, workers)

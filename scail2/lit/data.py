@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scail2.data.datamodule import MotionDataModule
-from scail2.data.preference_data import PreferenceDataModule
+from scail2.preference.datamodule import PreferenceDataModule
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
 
     def components(self) -> dict[str, Any]:
         """The pair-construction components (`load_components` mapping)."""
-        here = "scail2.data.preference_components"
+        here = "scail2.preference.components"
         poses = {"_target_": f"{here}.SyntheticPoses", "synth_seed": self.synth.seed}
         return {
             "pose_estimator": poses,
@@ -263,9 +263,9 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
 
     def _build(self, name: str, pairs: int, seed: int) -> None:
         from scail2.data.buckets import Bucket
-        from scail2.data.preference import load_preference_manifest
-        from scail2.data.preference_builder import BuildOptions, build_preferences, load_components
-        from scail2.data.preference_data import PreferenceCacheIndex, build_preference_cache
+        from scail2.preference.records import load_preference_manifest
+        from scail2.preference.builder import BuildOptions, build_preferences, load_components
+        from scail2.preference.cache import PreferenceCacheIndex, build_preference_cache
 
         folder = self.root / name
         cache = folder / "cache"

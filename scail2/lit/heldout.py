@@ -82,7 +82,7 @@ class HeldOutPreferences(Evaluation):
     def evaluation_sets(self, trainer: Any) -> dict[str, list[PreferenceBatch]]:
         """``{"heldout": batches}`` (and ``"trainpairs"`` with ``training_pairs``), read once."""
         if self._sets is None:
-            from scail2.data.preference_data import PreferenceDataModule
+            from scail2.preference.datamodule import PreferenceDataModule
 
             h = self.cfg
             held = PreferenceDataModule(

@@ -219,16 +219,16 @@ def test_a_bomb_reference_image_is_one_bad_record(dataset):
     "spec",
     [
         # the loader itself, re-entered with prefixes of the attacker's choosing
-        {"_target_": "scail2.data.preference_components.instantiate", "spec": "os.getpid", "allowed_prefixes": ["os."]},
+        {"_target_": "scail2.data.engine.components.instantiate", "spec": "os.getpid", "allowed_prefixes": ["os."]},
         # a command's entry point: runs scail2-data with chosen arguments
         {"_target_": "scail2.data.cli.main", "argv": ["synth", "{tmp}/written", "--pairs", "1"]},
         # a class the module imported from elsewhere
-        {"_target_": "scail2.data.preference_components.MotionRecord"},
+        {"_target_": "scail2.preference.components.MotionRecord"},
         {"_target_": "scail2.train.main"},
     ],
 )
 def test_a_components_file_can_build_only_component_classes(tmp_path, spec):
-    from scail2.data.preference_components import instantiate
+    from scail2.data.engine.components import instantiate
 
     spec = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else [a.format(tmp=tmp_path) for a in v] if isinstance(v, list) else v)
             for k, v in spec.items()}

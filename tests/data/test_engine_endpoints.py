@@ -17,7 +17,7 @@ from scail2.data.engine.vlm import (
     VLMQualityChecker,
     parse_json_object,
 )
-from scail2.data.preference_components import Clip
+from scail2.data.engine.clips import Clip
 
 from .engine_fakes import Behaviour, FakeServer, png_b64
 

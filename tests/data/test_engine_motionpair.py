@@ -252,7 +252,7 @@ def test_command_generators(prepared, tmp_path):
 def test_preference_pairs_from_prepared_clips_with_adapters(prepared, tmp_path):
     """``scail2-data preference`` on real-video records (prepared clips) with user components through adapters:
     estimators P and P' (P' = P with estimation noise), G = a pose-driven animator behind `AnimatorGenerator`."""
-    from scail2.data.preference import validate_preference_manifest
+    from scail2.preference.validate import validate_preference_manifest
 
     prep, pool = prepared
     script = tmp_path / "animate.py"
@@ -269,7 +269,7 @@ def test_preference_pairs_from_prepared_clips_with_adapters(prepared, tmp_path):
     here = "scail2.data.engine"
     components = {
         "pose_estimator": f"{here}.standins.SyntheticKeypoints",
-        "weak_pose_estimator": {"_target_": "scail2.data.preference_components.NoisyPoses", "seed": 0,
+        "weak_pose_estimator": {"_target_": "scail2.preference.components.NoisyPoses", "seed": 0,
                                 "base": {"_target_": f"{here}.standins.SyntheticKeypoints"}},
         "generator": {"_target_": f"{here}.adapters.AnimatorGenerator", "limb_radius": 2.0,
                       "animator": {"_target_": f"{here}.adapters.CommandAnimator",

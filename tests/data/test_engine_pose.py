@@ -17,7 +17,7 @@ from scail2.data.engine.pose import (
     scale_skeleton,
     skeleton_for,
 )
-from scail2.data.preference_components import COCO_WHOLEBODY, KeypointLayout, PoseTrack
+from scail2.data.engine.clips import COCO_WHOLEBODY, KeypointLayout, PoseTrack
 
 RED, ORANGE, CYAN, GREY = (255, 0, 0), (255, 85, 0), (0, 255, 255), (150, 150, 150)
 

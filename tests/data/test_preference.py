@@ -15,14 +15,10 @@ import torch
 from scail2.data.batch import PreferenceBatch
 from scail2.data.buckets import Bucket
 from scail2.data.cli import main
+from scail2.data.datamodule import MotionDataModule
 from scail2.data.manifest import ManifestError, load_manifest
-from scail2.data.preference import (
-    load_preference_manifest,
-    parse_preference_record,
-    validate_preference_manifest,
-    write_preference_manifest,
-)
-from scail2.data.preference_builder import (
+from scail2.data.engine.components import instantiate
+from scail2.preference.builder import (
     BuildOptions,
     MinHandDifference,
     build_preferences,
@@ -30,13 +26,12 @@ from scail2.data.preference_builder import (
     load_components,
     make_candidate,
 )
-from scail2.data.preference_components import NoisyPoses, instantiate
-from scail2.data.preference_data import (
-    PreferenceCacheDataset,
-    PreferenceDataModule,
-    PreferencePairDataset,
-    collate_preferences,
-)
+from scail2.preference.cache import PreferenceCacheDataset
+from scail2.preference.components import NoisyPoses
+from scail2.preference.data import PreferencePairDataset, collate_preferences
+from scail2.preference.datamodule import PreferenceDataModule
+from scail2.preference.records import load_preference_manifest, parse_preference_record, write_preference_manifest
+from scail2.preference.validate import validate_preference_manifest
 from scail2.data.sampling import SampleKey
 from scail2.data.video import read_image, read_video, write_video
 from tests.data.helpers import synth_dataset, tiny_encoders, tiny_encoders_dir, torch_threads
@@ -208,14 +203,14 @@ def test_filter_rejects_and_counts(source, tmp_path):
 def test_components_from_a_config_file(tmp_path):
     config = tmp_path / "components.yaml"
     config.write_text(
-        "pose_estimator: {_target_: scail2.data.preference_components.SyntheticPoses, synth_seed: 0}\n"
+        "pose_estimator: {_target_: scail2.preference.components.SyntheticPoses, synth_seed: 0}\n"
         "weak_pose_estimator:\n"
-        "  _target_: scail2.data.preference_components.NoisyPoses\n"
-        "  base: {_target_: scail2.data.preference_components.SyntheticPoses}\n"
+        "  _target_: scail2.preference.components.NoisyPoses\n"
+        "  base: {_target_: scail2.preference.components.SyntheticPoses}\n"
         "  jitter: 0.02\n"
-        "generator: scail2.data.preference_components.SyntheticRenderer\n"
-        "references: scail2.data.preference_components.SyntheticReferences\n"
-        "filter: {_target_: scail2.data.preference_builder.MinHandDifference, min_difference: 0.01}\n"
+        "generator: scail2.preference.components.SyntheticRenderer\n"
+        "references: scail2.preference.components.SyntheticReferences\n"
+        "filter: {_target_: scail2.preference.builder.MinHandDifference, min_difference: 0.01}\n"
     )
     components = load_components(config)
     assert components.weak_pose_estimator.jitter == 0.02 and components.filter.min_difference == 0.01
@@ -225,7 +220,7 @@ def test_components_from_a_config_file(tmp_path):
     with pytest.raises(ValueError, match="unknown key 'estimator'"):
         load_components({"estimator": "x"})
     with pytest.raises(ValueError, match="does not implement Generator"):
-        load_components({**component_preset("synthetic"), "generator": "scail2.data.preference_components.SyntheticPoses"})
+        load_components({**component_preset("synthetic"), "generator": "scail2.preference.components.SyntheticPoses"})
     with pytest.raises(ValueError, match="unknown components preset"):
         load_components("wan-animate")
 
@@ -268,6 +263,24 @@ def cache(built, tmp_path_factory) -> Path:
         assert main(["preference-cache", str(built), str(out), "--encoders", str(tiny_encoders_dir()),
                      "--buckets", "9x64x64", "--dtype", "float32", "--seed", "0"]) == 0  # fmt: skip
     return out
+
+
+def test_a_cache_of_the_other_kind_is_refused_with_the_fix(cache, tmp_path):
+    """``data=cache`` (`MotionDataModule`) on a preference cache names the kind found, the kind expected and
+    what to do instead; a preference data module refuses a motion cache likewise."""
+    with pytest.raises(ValueError) as refused:
+        MotionDataModule(cache_dir=cache, num_workers=0).setup("fit")
+    message = str(refused.value)
+    assert "is a preference cache, not a motion latent cache" in message
+    assert "train DPO on it with data=preference" in message
+    assert "scail2-data cache MANIFEST DIR --encoders DIR" in message
+    motion = tmp_path / "motion"
+    motion.mkdir()
+    (motion / "index.json").write_text(
+        json.dumps({**json.loads((cache / "index.json").read_text()), "kind": "motion", "samples": [], "shards": []})
+    )
+    with pytest.raises(ValueError, match=r"is a motion cache, not a preference cache; pretrain on it with data=cache"):
+        PreferenceDataModule(cache_dir=motion, num_workers=0).setup("fit")
 
 
 def test_raw_and_cached_batches_agree_and_resume(built, cache):

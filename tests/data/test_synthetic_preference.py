@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from scail2.data.manifest import load_manifest
-from scail2.data.preference import load_preference_manifest
-from scail2.data.preference_data import PreferenceCacheIndex
+from scail2.preference.records import load_preference_manifest
+from scail2.preference.cache import PreferenceCacheIndex
 from scail2.lit.data import SyntheticPreferenceDataModule
 
 from .helpers import torch_threads

@@ -41,7 +41,7 @@ from scail2.data.engine.endpoints import EndpointError, JSONEndpoint, b64decode_
 from scail2.data.engine.masks import binding_order, mode_masks
 from scail2.data.engine.pose import layout_by_name, render_poses
 from scail2.data.manifest import BoxTrack
-from scail2.data.preference_components import Clip, GeneratedVideo, PoseTrack, Reference
+from scail2.data.engine.clips import Clip, GeneratedVideo, PoseTrack, Reference
 from scail2.data.video import IMAGE_SUFFIXES, VideoDecodeError, read_image, read_video, write_image, write_video
 
 # --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ else) when it cannot deliver; the engine records the reason and moves on.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,20 +24,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from scail2.data.manifest import BoxTrack
-from scail2.data.preference_components import (
-    DEFAULT_ALLOWED_PREFIXES,
-    Clip,
-    GeneratedVideo,
-    PoseEstimator,
-    PoseTrack,
-    Segmenter,
-    describe,
-    instantiate,
-)
+from scail2.data.engine.clips import Clip, GeneratedVideo, PoseEstimator, PoseTrack, Segmenter
+from scail2.data.records import BoxTrack
 
 __all__ = [
-    "AnimationRequest", "Animator", "Captioner", "CandidateSelector", "CharacterPool", "ComponentError",
+    "DEFAULT_ALLOWED_PREFIXES", "AnimationRequest", "Animator", "Captioner", "CandidateSelector", "CharacterPool",
+    "ComponentError", "describe", "instantiate",
     "FilterRequest", "GeneratedVideo", "ImageGenerator", "OCRDetector", "PoolImage", "PoseEstimator",
     "PromptWeaver", "QualityChecker", "ReplacementRequest", "Replacer", "Segmenter", "Verdict", "VideoFilter",
 ]  # fmt: skip
@@ -48,6 +42,74 @@ class ComponentError(RuntimeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Choosing components by import path
+# ----------------------------------------------------------------------------------------------------
+
+# scail2's component classes; a user's own package is admitted with --allow PREFIX.
+DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = (
+    "scail2.data.engine.",
+    "scail2.preference.components.",
+    "scail2.preference.builder.",
+)
+
+
+def instantiate(
+    spec: str | Mapping[str, Any], allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_PREFIXES, what: str = "component"
+) -> Any:
+    """Build a component from ``"package.module.Class"`` or ``{"_target_": "package.module.Class", **kwargs}``.
+
+    Only targets under ``allowed_prefixes`` are imported (a config file names code; it must not name any
+    code), and a target must be a class defined in the module it is named from: not a function (such as this
+    one, or a command's ``main``) and not a name that module imported from elsewhere. Keyword values that are
+    themselves ``{"_target_": ...}`` mappings are built first, under the same rule.
+    """
+    if isinstance(spec, str):
+        target, kwargs = spec, {}
+    elif isinstance(spec, Mapping):
+        if "_target_" not in spec:
+            raise ValueError(f"{what}: {dict(spec)!r} has no _target_; give {{_target_: package.module.Class, ...}}")
+        target = spec["_target_"]
+        kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    else:
+        raise ValueError(f"{what}: expected an import path or a mapping with _target_, got {type(spec).__name__}")
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(
+            f"{what}: _target_ {target!r} is not a dotted import path like scail2.preference.components.NoisyPoses"
+        )
+    if not any(target.startswith(prefix) for prefix in allowed_prefixes):
+        raise ValueError(
+            f"{what}: {target!r} is outside the allowed import prefixes {list(allowed_prefixes)}; "
+            f"allow its package explicitly (e.g. --allow {target.split('.')[0]}.)"
+        )
+    module_name, _, attr = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{what}: cannot import {target!r}: {exc}") from None
+    if not inspect.isclass(obj) or obj.__module__ != module_name:
+        where = f"defined in {obj.__module__}" if inspect.isclass(obj) else f"a {type(obj).__name__}, not a class"
+        raise ValueError(
+            f"{what}: {target!r} is {where}; a component must be a class named by the module that defines it"
+        )
+    built = {
+        k: instantiate(v, allowed_prefixes, f"{what}.{k}") if isinstance(v, Mapping) and "_target_" in v else v
+        for k, v in kwargs.items()
+    }
+    try:
+        return obj(**built)
+    except TypeError as exc:
+        raise ValueError(f"{what}: {target}({', '.join(built)}) failed: {exc}") from None
+
+
+def describe(spec: str | Mapping[str, Any]) -> str:
+    """A short, stable text for a component spec (what the pair records as provenance)."""
+    if isinstance(spec, str):
+        return spec
+    args = ", ".join(f"{k}={describe(v) if isinstance(v, Mapping) else v!r}" for k, v in sorted(spec.items()) if k != "_target_")
+    return f"{spec['_target_']}({args})"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -69,8 +131,8 @@ class OCRDetector(Protocol):
         ...
 
 
-# Segmenter.segment(clip) -> (K, F, H, W) bool and PoseEstimator.estimate(clip) -> PoseTrack come from
-# `scail2.data.preference_components` (shared with the preference builder).
+# Segmenter.segment(clip) -> (K, F, H, W) bool and PoseEstimator.estimate(clip) -> PoseTrack are in
+# `scail2.data.engine.clips` (shared with the preference builder, `scail2.preference`).
 
 
 # --------------------------------------------------------------------------------------------------------

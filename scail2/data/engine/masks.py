@@ -18,7 +18,7 @@ import torch
 
 from scail2.conditioning.masks import character_masks_to_colour, character_order
 from scail2.data.batch import MODES
-from scail2.data.preference_components import PoseTrack
+from scail2.data.engine.clips import PoseTrack
 
 ROLES = ("reference", "driving")
 

@@ -70,7 +70,8 @@ from scail2.data.engine.store import (
     write_json,
 )
 from scail2.data.manifest import MotionRecord, load_manifest, parse_record, write_manifest
-from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES, Clip, GeneratedVideo, describe
+from scail2.data.engine.clips import Clip, GeneratedVideo
+from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe
 from scail2.data.video import read_video, write_image, write_video
 
 SETTINGS_NAME = "motionpair.json"

@@ -1,6 +1,6 @@
 """Skeleton videos from 2-D keypoints for pose-driven mode, and random skeleton scaling.
 
-A `PoseTrack` (``scail2.data.preference_components``: (P, F, J, 2) pixel keypoints, NaN = not detected) in one of
+A `PoseTrack` (``scail2.data.engine.clips``: (P, F, J, 2) pixel keypoints, NaN = not detected) in one of
 the layouts below is drawn as SCAIL's pose renders look: the OpenPose-18 body topology (neck-centred) with one
 colour per limb — warm colours on the right side (red, oranges, yellow-green, greens), cool colours on the left
 (cyan, blues, purples), grey and magenta for the head — drawn from the trunk outwards; 21-point hands as thin
@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from scail2.data.preference_components import COCO_WHOLEBODY, SYNTH_LAYOUT, KeypointLayout, PoseTrack
+from scail2.data.engine.clips import COCO_WHOLEBODY, SYNTH_LAYOUT, KeypointLayout, PoseTrack
 
 RGB = tuple[int, int, int]
 

@@ -62,7 +62,8 @@ from scail2.data.engine.store import (
     write_json,
 )
 from scail2.data.manifest import MotionRecord, Regions, parse_record, write_manifest
-from scail2.data.preference_components import DEFAULT_ALLOWED_PREFIXES, Clip, ClipOrigin, PoseTrack, describe
+from scail2.data.engine.clips import Clip, ClipOrigin, PoseTrack
+from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe
 from scail2.data.transforms import TRAIN_FPS, CropBox, clip_indices, cover_box, crop_resize, resampled_length
 from scail2.data.video import VideoDecodeError, VideoReader, write_image, write_video
 

@@ -24,7 +24,7 @@ import torch
 
 from scail2.data.engine.components import AnimationRequest, ComponentError, ReplacementRequest
 from scail2.data.engine.pose import render_poses
-from scail2.data.preference_components import SYNTH_LAYOUT, Clip, ClipOrigin, GeneratedVideo, PoseTrack
+from scail2.data.engine.clips import SYNTH_LAYOUT, Clip, ClipOrigin, GeneratedVideo, PoseTrack
 from scail2.data.synth import draw_posed, joints_at
 from scail2.data.transforms import CropBox, cover_box, crop_resize
 

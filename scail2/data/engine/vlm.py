@@ -24,7 +24,7 @@ import numpy as np
 
 from scail2.data.engine.components import FilterRequest, Verdict
 from scail2.data.engine.endpoints import ChatClient, EndpointError, ImageClient, image_part
-from scail2.data.preference_components import Clip
+from scail2.data.engine.clips import Clip
 
 PROMPT_VERSION = "v1"
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)

@@ -14,7 +14,7 @@ reports them, else from P run on each video; colour masks from G, else from the 
 Output folder::
 
     build.json                        settings (source manifest, seed, components); a resume must match them
-    manifest.jsonl                    the preference manifest (`scail2.data.preference`), accepted pairs in order
+    manifest.jsonl                    the preference manifest (`scail2.preference.records`), accepted pairs in order
     pairs/pref_00000/                 driving.mp4, preferred.mp4, dispreferred.mp4, [driving_mask.mp4,
                                       reference_mask.png,] record.json
     pairs/pref_00003.skip.json        a candidate the filter rejected (or whose source could not be used)
@@ -41,22 +41,15 @@ import numpy as np
 import torch
 
 from scail2.conditioning.masks import character_order
-from scail2.data.manifest import BoxTrack, MotionRecord, load_manifest
-from scail2.data.preference import PreferenceRecord, Provenance, parse_preference_record, write_preference_manifest
-from scail2.data.preference_components import (
-    DEFAULT_ALLOWED_PREFIXES,
-    Clip,
-    Generator,
-    PoseEstimator,
-    Reference,
-    ReferenceSource,
-    Segmenter,
-    describe,
-    instantiate,
-)
-from scail2.data.synth import _colour_mask  # the motion data's colour-mask drawing, reused
+from scail2.data.engine.clips import Clip, PoseEstimator, Reference, Segmenter
+from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe, instantiate
+from scail2.data.manifest import MotionRecord, load_manifest
+from scail2.data.records import BoxTrack
+from scail2.data.synth import colour_mask_video
 from scail2.data.transforms import rasterize_boxes
 from scail2.data.video import VideoDecodeError, VideoReader, write_image, write_video
+from scail2.preference.components import Generator, ReferenceSource
+from scail2.preference.records import PreferenceRecord, Provenance, parse_preference_record, write_preference_manifest
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +140,7 @@ _PROTOCOLS = {"pose_estimator": PoseEstimator, "weak_pose_estimator": PoseEstima
 def component_preset(name: str) -> dict[str, Any]:
     """A named components configuration. ``synthetic``: ground-truth poses, `NoisyPoses`, the synthetic
     renderer and references — runs on a ``scail2-data synth`` dataset made with the default seed 0."""
-    here = "scail2.data.preference_components"
+    here = "scail2.preference.components"
     presets = {
         "synthetic": {
             "pose_estimator": {"_target_": f"{here}.SyntheticPoses", "synth_seed": 0},
@@ -346,9 +339,9 @@ def _write_pair(
         # Slots by left-to-right order in x_w's first frame, shared by the driving and the reference mask, so
         # each person keeps its colour (as the motion data does).
         order = character_order(torch.from_numpy(pair.preferred.masks), "x")
-        write_video(tmp / "driving_mask.mp4", _colour_mask(pair.driving.masks, mode, order), fps, lossless=True)
+        write_video(tmp / "driving_mask.mp4", colour_mask_video(pair.driving.masks, mode, order), fps, lossless=True)
         k = pair.reference_index
-        reference_mask = _colour_mask(pair.preferred.masks[:, k : k + 1], mode, order, reference=True)[0]
+        reference_mask = colour_mask_video(pair.preferred.masks[:, k : k + 1], mode, order, reference=True)[0]
         write_image(tmp / "reference_mask.png", reference_mask)
         masks = {"driving_mask": final / "driving_mask.mp4", "reference_mask": final / "reference_mask.png"}
     specs = components.specs or {}
