@@ -24,6 +24,7 @@ from scail2.data.records import (
     collect_records,
     iter_jsonl,
     parse_rows,
+    record_json,
     relative_path,
     type_name,
     write_jsonl,
@@ -135,17 +136,7 @@ class MotionRecord:
 
     def to_json(self, base: Path) -> dict[str, Any]:
         """The JSON object of this record with paths relative to ``base`` (the manifest's folder)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name == "meta" and not value):
-                continue
-            if isinstance(value, Path):
-                value = relative_path(value, base)
-            elif isinstance(value, Regions):
-                value = value.to_json(base)
-            out[f.name] = value
-        return out
+        return record_json(self, base, lambda name, value: value.to_json(base) if isinstance(value, Regions) else value)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -168,6 +169,18 @@ class RecordFields:
         if (a in self.values) != (b in self.values):
             given, other = (a, b) if a in self.values else (b, a)
             self.fail(other, f"missing while {given} is given; {why}")
+
+
+def record_json(record: Any, base: Path, value_json: Callable[[str, Any], Any] = lambda name, value: value) -> dict[str, Any]:
+    """The JSON object of a record dataclass: fields that are None (and an empty ``meta``) left out, paths made
+    relative to ``base`` (the manifest's folder), any other value through ``value_json(field name, value)``."""
+    out: dict[str, Any] = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if value is None or (f.name == "meta" and not value):
+            continue
+        out[f.name] = relative_path(value, base) if isinstance(value, Path) else value_json(f.name, value)
+    return out
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:

@@ -42,7 +42,7 @@ import torch
 
 from scail2.conditioning.masks import character_order
 from scail2.data.engine.clips import Clip, PoseEstimator, Reference, Segmenter
-from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe, instantiate
+from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe, instantiate, read_spec
 from scail2.data.manifest import MotionRecord, load_manifest
 from scail2.data.records import BoxTrack
 from scail2.data.synth import colour_mask_video
@@ -173,22 +173,7 @@ def load_components(
     """Components from a preset name (`component_preset`), a ``.yaml``/``.yml``/``.json`` file or a mapping with
     keys pose_estimator, weak_pose_estimator, generator, references and optionally segmenter and filter; each
     value is an import path or ``{_target_: path, **kwargs}`` (see `instantiate`)."""
-    if isinstance(config, Mapping):
-        spec = dict(config)
-    elif Path(config).suffix in (".yaml", ".yml", ".json"):
-        path = Path(config)
-        if not path.exists():
-            raise FileNotFoundError(f"components file {path} not found")
-        if path.suffix == ".json":
-            spec = json.loads(path.read_text())
-        else:
-            import yaml
-
-            spec = yaml.safe_load(path.read_text())
-        if not isinstance(spec, dict):
-            raise ValueError(f"components file {path} must hold a mapping of component name -> spec")
-    else:
-        spec = component_preset(str(config))
+    spec = read_spec(config, {"synthetic": component_preset("synthetic")})
     unknown = sorted(set(spec) - set(_REQUIRED_COMPONENTS) - set(_OPTIONAL_COMPONENTS))
     if unknown:
         known = list(_REQUIRED_COMPONENTS + _OPTIONAL_COMPONENTS)

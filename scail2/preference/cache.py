@@ -56,23 +56,8 @@ class PreferenceCacheIndex(ShardIndex):
 
     def read_sample(self, entry: Mapping[str, Any]) -> PreferenceSample:
         t = self.read_tensors(entry, CACHE_TENSORS)
-        winner = LatentSample(
-            id=entry["id"],
-            source=entry["source"],
-            mode=entry["mode"],
-            end_to_end=True,
-            history_allowed=False,
-            forward=False,
-            bucket=Bucket(*entry["bucket"]),
-            latents=t["latents"],
-            reference=t["reference"],
-            reference_mask=t["reference_mask"],
-            driving=t["driving"],
-            driving_mask=t["driving_mask"],
-            text=t["text"],
-            text_len=entry["text_len"],
-            clip_tokens=t["clip_tokens"],
-            regions={"hands": t["hands"]},
+        winner = LatentSample.from_cache(
+            entry, t, end_to_end=True, history_allowed=False, forward=False, regions={"hands": t["hands"]}
         )
         return PreferenceSample(winner, t["loser_latents"], t["loser_hands"])
 

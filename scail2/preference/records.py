@@ -5,8 +5,8 @@ shared **condition** — a reference frame (an index into the preferred video, o
 video x_a, with optional colour masks and a caption — the **preferred** video x_w, the **dispreferred** video
 x_l, the per-frame hand boxes of both, the mode, the fps and the provenance (which estimators and generator
 made the pair). The field reference is in ``docs/data.md``; `PreferenceRecord` is its typed form. Parsing is
-as strict as the motion manifest's (both read their fields through `scail2.data.records.RecordFields`): unknown keys, missing keys
-and wrong types raise `ManifestError` naming the line, the record id and the field.
+as strict as the motion manifest's (both read their fields through `scail2.data.records.RecordFields`): unknown
+keys, missing keys and wrong types raise `ManifestError` naming the line, the record id and the field.
 
 Checks of the files are in `scail2.preference.validate`; decoding and datasets in `scail2.preference.data`, the
 preference cache in `scail2.preference.cache`, the data module in `scail2.preference.datamodule`; the pair builder
@@ -27,7 +27,7 @@ from scail2.data.records import (
     collect_records,
     iter_jsonl,
     parse_rows,
-    relative_path,
+    record_json,
     type_name,
     write_jsonl,
 )
@@ -106,25 +106,23 @@ class PreferenceRecord:
 
     def to_json(self, base: Path) -> dict[str, Any]:
         """The JSON object of this record with paths relative to ``base`` (the manifest's folder)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name == "meta" and not value):
-                continue
-            if isinstance(value, Path):
-                value = relative_path(value, base)
-            elif isinstance(value, Provenance):
-                value = value.to_json()
-            elif f.name in HAND_FIELDS:
-                value = [[list(b) for b in frame] for frame in value]
-            out[f.name] = value
-        return out
+        return record_json(self, base, _value_json)
 
 
 _REQUIRED = ("id", "mode", "fps", "driving", "preferred", "dispreferred", "reference", "preferred_hands", "dispreferred_hands")
 _PATH_FIELDS = ("driving", "preferred", "dispreferred", "driving_mask", "reference_mask")
 _INT_FIELDS = ("frames", "height", "width")
 HAND_FIELDS = ("preferred_hands", "dispreferred_hands")
+
+
+def _value_json(name: str, value: Any) -> Any:
+    if isinstance(value, Provenance):
+        return value.to_json()
+    if name in HAND_FIELDS:
+        return [[list(b) for b in frame] for frame in value]
+    return value
+
+
 _KNOWN = {f.name for f in fields(PreferenceRecord)}
 _PROVENANCE_KNOWN = {f.name for f in fields(Provenance)}
 
