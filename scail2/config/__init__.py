@@ -1,6 +1,8 @@
-"""Configs of ``scail2-train`` and ``scail2-bench``: structured schemas (generated from the targets the config
-files name), their Hydra registration and composition, the checks, and safe instantiation."""
+"""Configs of ``scail2-train``, ``scail2-bench`` and the components files of ``scail2-data``: structured schemas
+(generated from the targets the config files name), their Hydra registration and composition, the checks, and
+safe instantiation under one allow-list."""
 
+from scail2.config.components import build_component, component_presets, describe_component, read_components
 from scail2.config.instantiate import (
     REGISTRATION_GROUP,
     SHIPPED_TARGETS,
@@ -36,10 +38,14 @@ __all__ = [
     "TrainerConfig",
     "UnsafeTargetError",
     "allowed_targets",
+    "build_component",
+    "component_presets",
     "compose_config",
     "config_dir",
+    "describe_component",
     "experiments_dir",
     "instantiate",
+    "read_components",
     "register_configs",
     "registered_targets",
     "target_schema",

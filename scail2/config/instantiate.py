@@ -16,15 +16,18 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
+import re
 import sys
 from collections.abc import Collection, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# The callables that the shipped configs (conf/, experiments/ and the schemas of scail2.config.schema) name.
-# Nothing else is built from a config unless a package registers it (`REGISTRATION_GROUP`). A prefix rule
-# ("anything under torch.") admitted callables that run shell commands, unpickle or write files.
+# The callables that the shipped configs (conf/, experiments/ and the schemas of scail2.config.schema) name:
+# those of scail2-train and scail2-bench, and the component classes that the components files of scail2-data
+# (conf/components/<command>/) name. Nothing else is built from a config unless a package registers it
+# (`REGISTRATION_GROUP`). A prefix rule ("anything under torch.") admitted callables that run shell commands,
+# unpickle or write files.
 SHIPPED_TARGETS: frozenset[str] = frozenset(
     {
         "lightning.pytorch.Trainer",
@@ -49,6 +52,36 @@ SHIPPED_TARGETS: frozenset[str] = frozenset(
         "scail2.models.config.scail2_config",
         "scail2.objectives.dpo.DPOConfig",
         "scail2.objectives.flow_matching.FlowMatchingConfig",
+        # components of scail2-data prepare / motionpair / preference (conf/components/)
+        "scail2.data.engine.adapters.AnimatorGenerator",
+        "scail2.data.engine.adapters.CommandAnimator",
+        "scail2.data.engine.adapters.CommandKeypoints",
+        "scail2.data.engine.adapters.CommandOCR",
+        "scail2.data.engine.adapters.CommandReplacer",
+        "scail2.data.engine.adapters.CommandSegmenter",
+        "scail2.data.engine.adapters.HTTPKeypoints",
+        "scail2.data.engine.adapters.HTTPSegmenter",
+        "scail2.data.engine.adapters.ImageFolderPool",
+        "scail2.data.engine.adapters.ImageFolderReferences",
+        "scail2.data.engine.adapters.PipelineAnimator",
+        "scail2.data.engine.endpoints.OpenAIChatClient",
+        "scail2.data.engine.endpoints.OpenAIImageClient",
+        "scail2.data.engine.standins.SyntheticAnimator",
+        "scail2.data.engine.standins.SyntheticCaptioner",
+        "scail2.data.engine.standins.SyntheticKeypoints",
+        "scail2.data.engine.standins.SyntheticReplacer",
+        "scail2.data.engine.standins.SyntheticSegmenter",
+        "scail2.data.engine.vlm.EndpointImageGenerator",
+        "scail2.data.engine.vlm.VLMCandidateSelector",
+        "scail2.data.engine.vlm.VLMCaptioner",
+        "scail2.data.engine.vlm.VLMPromptWeaver",
+        "scail2.data.engine.vlm.VLMQualityChecker",
+        "scail2.data.engine.vlm.VLMVideoFilter",
+        "scail2.preference.builder.MinHandDifference",
+        "scail2.preference.components.NoisyPoses",
+        "scail2.preference.components.SyntheticPoses",
+        "scail2.preference.components.SyntheticReferences",
+        "scail2.preference.components.SyntheticRenderer",
     }
 )
 # Entry-point group through which an installed package registers its own classes as config targets, e.g. in
@@ -156,7 +189,7 @@ def check_target_name(target: Any, path: str, allowed: Collection[str] | None = 
             f"config `{path}._target_: {target}` is not allowed: a config may build only the callables the shipped "
             f"configs use (scail2.config.SHIPPED_TARGETS) and those an installed package registers as its own. "
             f"{hint}To build a class of your own package, register it (entry point group {REGISTRATION_GROUP}, "
-            "see docs/training.md)"
+            "see docs/training.md, 'Only known code is instantiated')"
         )
     return target
 
@@ -283,9 +316,10 @@ def instantiate(node: Any, path: str, /, **kwargs: Any) -> Any:
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"config `{path}` has no `_target_`; it cannot be instantiated")
     try:
-        resolved = OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=False))
+        plain = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
     except Exception as exc:  # noqa: BLE001 - a resolver's own error
         raise ConfigError(f"config `{path}`: cannot resolve its interpolations ({exc})") from None
+    resolved = OmegaConf.create(literal_strings(plain))
     validate_targets(resolved, path=path)
     for name in kwargs:
         params, open_kwargs = _parameters(locate(resolved["_target_"], path))
@@ -293,14 +327,31 @@ def instantiate(node: Any, path: str, /, **kwargs: Any) -> Any:
             raise ConfigError(f"{resolved['_target_']} (config `{path}`) takes no argument `{name}`")
     from hydra.errors import InstantiationException
 
+    # Hydra resolves the node it is given in place and then reads it resolved: a string escaped once would be
+    # read as an interpolation the second time, so the built copy escapes twice (it reads as `resolved`).
+    built = OmegaConf.create(literal_strings(literal_strings(plain)))
     try:
-        return hydra_instantiate(resolved, _convert_="all", **kwargs)
+        return hydra_instantiate(built, _convert_="all", **kwargs)
     except InstantiationException as exc:
         # Hydra wraps the target's own error; surface that message with the config path it came from.
         cause = exc.__cause__
         if cause is None or isinstance(cause, InstantiationException):
             raise
         raise ConfigError(f"config `{path}` ({resolved['_target_']}): {type(cause).__name__}: {cause}") from cause
+
+
+def literal_strings(value: Any) -> Any:
+    """Plain config data (dicts, lists, scalars) with every ``${`` in its strings escaped, so that a config node
+    made from it holds those strings as they are: resolved values (an escaped ``\\${``, an environment variable
+    holding ``${``) made into a node again must not be read as interpolations a second time."""
+    if isinstance(value, str):
+        # k literal backslashes before ${ are written as 2k (each escaped), then the ${ itself is escaped.
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value) if "${" in value else value
+    if isinstance(value, dict):
+        return {k: literal_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [literal_strings(v) for v in value]
+    return value
 
 
 def to_container(cfg: Any) -> Any:

@@ -68,22 +68,13 @@ class CacheIndex(ShardIndex):
         use_aug = swap and entry["has_aug"]
         names += ["driving_aug", "driving_mask_aug"] if use_aug else ["driving", "driving_mask"]
         t = self.read_tensors(entry, names)
-        return LatentSample(
-            id=entry["id"],
-            source=entry["source"],
-            mode=entry["mode"],
+        return LatentSample.from_cache(
+            entry,
+            t,
+            "driving_aug" if use_aug else "driving",
             end_to_end=entry["end_to_end"],
             history_allowed=entry["history_allowed"],
             forward=entry["forward"],
-            bucket=Bucket(*entry["bucket"]),
-            latents=t["latents"],
-            reference=t["reference"],
-            reference_mask=t["reference_mask"],
-            driving=t["driving_aug" if use_aug else "driving"],
-            driving_mask=t["driving_mask_aug" if use_aug else "driving_mask"],
-            text=t["text"],
-            text_len=entry["text_len"],
-            clip_tokens=t["clip_tokens"],
             regions={name: t[name] for name in entry["regions"]},
             swapped=use_aug,
         )

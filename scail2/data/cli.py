@@ -159,10 +159,9 @@ def _parse_manifest(path: Path) -> tuple[list, list]:
 
 def _preference(args: argparse.Namespace) -> int:
     from scail2.preference.builder import BuildOptions, MinHandDifference, build_preferences, load_components
-    from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES
 
     try:
-        components = load_components(args.components, (*DEFAULT_ALLOWED_PREFIXES, *(args.allow or ())))
+        components = load_components(args.components)
         if args.min_hand_difference is not None:
             components.filter = MinHandDifference(args.min_hand_difference)
             components.specs = {**(components.specs or {}), "filter": f"MinHandDifference({args.min_hand_difference})"}
@@ -216,7 +215,6 @@ def _preference_cache(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from scail2.data.engine.prepare import PrepareOptions, prepare_videos
-    from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES
 
     try:
         options = PrepareOptions(
@@ -236,7 +234,6 @@ def _prepare(args: argparse.Namespace) -> int:
             args.components,
             options,
             workers=args.workers,
-            allowed_prefixes=(*DEFAULT_ALLOWED_PREFIXES, *(args.allow or ())),
             retry=args.retry or (),
             progress=not args.no_progress,
         )
@@ -249,7 +246,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _motionpair(args: argparse.Namespace) -> int:
     from scail2.data.engine.motionpair import MotionPairOptions, synthesize_pairs
-    from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES
 
     try:
         options = MotionPairOptions(
@@ -267,7 +263,6 @@ def _motionpair(args: argparse.Namespace) -> int:
             args.components,
             options,
             workers=args.workers,
-            allowed_prefixes=(*DEFAULT_ALLOWED_PREFIXES, *(args.allow or ())),
             retry=args.retry or (),
             progress=not args.no_progress,
         )
@@ -276,6 +271,14 @@ def _motionpair(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     return 0 if report.pairs else 1
+
+
+def _components_help(command: str) -> str:
+    from scail2.config.components import component_presets
+
+    presets = ", ".join(component_presets(command))
+    return (f"a preset of conf/components/{command}/ ({presets}) or a YAML/JSON components file; its targets must be "
+            "shipped component classes or classes your package registers (entry points scail2.config_targets)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,13 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preference", help="build Bias-Aware DPO preference pairs from motion videos (resumable)")
     p.add_argument("source_manifest", type=Path, help="motion manifest whose target videos are the motions x")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--components", default="synthetic", help="preset name (synthetic) or a YAML/JSON components file")
+    p.add_argument("--components", default="synthetic", help=_components_help("preference"))
     p.add_argument("--pairs", type=int, default=100, help="accepted pairs wanted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-candidates", type=int, help="candidates tried at most (default 4 x pairs)")
     p.add_argument("--max-frames", type=int, help="use at most the first frames of each source video")
     p.add_argument("--min-hand-difference", type=float, help="reject pairs whose winner and loser differ less in the hands")
-    p.add_argument("--allow", action="append", help="also allow components under this import prefix, e.g. mylab.adapters.")
     p.add_argument("--lossy", action="store_true", help="4:2:0 H.264 (default: RGB-lossless videos)")
     p.add_argument("--quiet", action="store_true", help="no line per candidate")
     p.set_defaults(func=_preference)
@@ -359,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="clips, masks, keypoints, boxes, captions and pose records from videos (resumable)")
     pr.add_argument("videos_dir", type=Path, help="folder of videos (searched recursively)")
     pr.add_argument("out_dir", type=Path)
-    pr.add_argument("--components", default="synthetic", help="preset (synthetic: stand-ins for synth videos) or a YAML/JSON file")
+    pr.add_argument("--components", default="synthetic", help=_components_help("prepare"))
     pr.add_argument("--frames", type=int, default=81, help="clip length at 16 fps, 4k+1")
     pr.add_argument("--min-frames", type=int, help="shorter videos give one clip of at least this many frames (4k+1)")
     pr.add_argument("--clips-per-video", type=int, default=1)
@@ -371,14 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-pose-aug", action="store_true", help="no scaled-skeleton swap render")
     pr.add_argument("--workers", type=int, default=1, help="processes, each with its own components")
     pr.add_argument("--retry", action="append", help="skip reason to try again (repeatable), e.g. caption_timeout")
-    pr.add_argument("--allow", action="append", help="also allow components under this import prefix, e.g. mylab.")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_prepare)
 
     mp = sub.add_parser("motionpair", help="MotionPair-style pairs from a prepared folder (resumable)")
     mp.add_argument("prepared_dir", type=Path, help="a folder written by scail2-data prepare")
     mp.add_argument("out_dir", type=Path)
-    mp.add_argument("--components", required=True, help="YAML/JSON components file")
+    mp.add_argument("--components", required=True, help=_components_help("motionpair"))
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--replacement-share", type=float, default=0.25, help="single-character clips sent to replacement")
     mp.add_argument("--candidates", type=int, default=4, help="character images shown to the selector")
@@ -389,7 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--lossless", action="store_true", help="RGB-lossless synthetic videos")
     mp.add_argument("--workers", type=int, default=1, help="processes, each with its own components")
     mp.add_argument("--retry", action="append", help="skip reason to try again (repeatable), e.g. discarded")
-    mp.add_argument("--allow", action="append", help="also allow components under this import prefix")
     mp.add_argument("--no-progress", action="store_true")
     mp.set_defaults(func=_motionpair)
     return parser

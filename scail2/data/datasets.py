@@ -2,7 +2,7 @@
 
 - `MotionPairDataset` (a `RawPairDataset`): the slow path. Decodes raw videos, cuts the clip, fits the bucket, builds the
   28-channel masks and runs the frozen encoders, per sample.
-- `LatentCacheDataset`: the fast path. Reads what ``scail2-data cache`` wrote.
+- `LatentCacheDataset` (a `CachedPairDataset`): the fast path. Reads what ``scail2-data cache`` wrote.
 
 A sample that cannot be produced (missing, empty, unreadable or truncated file, clip longer than the
 video, files that disagree) is replaced by another item of the same source and bucket, chosen from the
@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -33,6 +33,7 @@ from scail2.data.sample import (
     load_pixel_sample,
     record_meta,
 )
+from scail2.data.shards import ShardIndex
 from scail2.data.video import Backend
 
 if TYPE_CHECKING:
@@ -274,34 +275,49 @@ class MotionPairDataset(RawPairDataset):
         return encode_pixel_sample(pixels, self.encoders)
 
 
-class LatentCacheDataset(PairDatasetBase):
-    """Cached latents (``scail2-data cache``) -> `LatentSample`; only the driving swap is drawn per sample.
+class CachedPairDataset(PairDatasetBase):
+    """What the cache datasets share: one item per sample of a sharded cache's index (`ShardIndex`), the
+    records that failed when the cache was built counted as excluded, the cache's ``null_text``. Subclasses
+    implement `entry_class` and `_load`. Shards are opened per access (memory-mapped safetensors), so workers
+    hold no decoded data."""
 
-    Shards are opened per access (memory-mapped safetensors), so workers hold no decoded data.
-    """
-
-    def __init__(self, cache_dir: str | Path, options: AugmentOptions | None = None, max_attempts: int = 8):
-        from scail2.data.cache import CacheIndex
-
+    def __init__(self, index: ShardIndex, max_attempts: int = 8):
         super().__init__(max_attempts)
-        self.cache_dir = Path(cache_dir)
-        self.index = CacheIndex.load(self.cache_dir)
-        self.options = options if options is not None else AugmentOptions()
-        for failure in self.index.failed:
+        self.index = index
+        self.cache_dir = index.root
+        for failure in index.failed:
             self._count(self._excluded, failure["source"], failure["reason"])
-        self.entries = list(self.index.samples)
+        self.entries = list(index.samples)
         if not self.entries:
-            raise ValueError(f"the latent cache {self.cache_dir} has no samples (failed: {len(self.index.failed)})")
+            raise ValueError(f"the {index.format.name} {index.root} has no samples (failed: {len(index.failed)})")
         self.item_sources = [e["source"] for e in self.entries]
-        self.item_classes = [e["source_class"] for e in self.entries]
+        self.item_classes = [self.entry_class(e) for e in self.entries]
         self.item_buckets = [Bucket(*e["bucket"]) for e in self.entries]
         self._index_items()
+
+    def entry_class(self, entry: Mapping[str, Any]) -> str:
+        """The sampling class of a cached sample (`scail2.data.sampling.mix_groups`)."""
+        raise NotImplementedError
 
     def item_name(self, item: int) -> str:
         return self.entries[item]["id"]
 
     def null_text(self):
+        """umT5 of the empty caption, (1, text_len, text_dim) float32, as the cache stored it."""
         return self.index.null_text()
+
+
+class LatentCacheDataset(CachedPairDataset):
+    """Cached latents (``scail2-data cache``) -> `LatentSample`; only the driving swap is drawn per sample."""
+
+    def __init__(self, cache_dir: str | Path, options: AugmentOptions | None = None, max_attempts: int = 8):
+        from scail2.data.cache import CacheIndex  # the cache module builds on this one
+
+        super().__init__(CacheIndex.load(cache_dir), max_attempts)
+        self.options = options if options is not None else AugmentOptions()
+
+    def entry_class(self, entry: Mapping[str, Any]) -> str:
+        return entry["source_class"]
 
     def _load(self, item: int, seed: int) -> LatentSample:
         entry = self.entries[item]

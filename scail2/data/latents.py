@@ -59,6 +59,29 @@ class LatentSample:
     extra_references: torch.Tensor | None = None
     extra_reference_masks: torch.Tensor | None = None
 
+    @classmethod
+    def from_cache(
+        cls, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], driving: str = "driving", **flags: Any
+    ) -> "LatentSample":
+        """A sample from a cache index entry (id, source, mode, bucket, text_len) and its tensors ``t`` by name;
+        ``driving``: the name of the driving signal used (``driving`` or ``driving_aug``, with its mask);
+        ``flags``: the remaining fields (end_to_end, history_allowed, forward, regions, swapped)."""
+        return cls(
+            id=entry["id"],
+            source=entry["source"],
+            mode=entry["mode"],
+            bucket=Bucket(*entry["bucket"]),
+            latents=t["latents"],
+            reference=t["reference"],
+            reference_mask=t["reference_mask"],
+            driving=t[driving],
+            driving_mask=t[driving.replace("driving", "driving_mask")],
+            text=t["text"],
+            text_len=entry["text_len"],
+            clip_tokens=t["clip_tokens"],
+            **flags,
+        )
+
     def select_driving(self, swap: bool) -> "LatentSample":
         """Keep one driving signal: the augmented one when ``swap`` (and it exists), else the original."""
         use_aug = swap and self.driving_aug is not None

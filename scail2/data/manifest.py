@@ -13,21 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from scail2.data.records import (
-    BoxTrack,
-    ManifestError,
-    RecordFields,
-    collect_records,
-    iter_jsonl,
-    parse_rows,
-    relative_path,
-    type_name,
-    write_jsonl,
-)
+from scail2.data.records import BoxTrack, ManifestError, ManifestRecord, RecordFields, collect_records, iter_jsonl
+from scail2.data.records import parse_rows, relative_path, type_name, write_jsonl
 
 # Sources of the paper's data mix (SPEC §6); any other name is accepted as a user-defined source.
 BUILTIN_SOURCES: tuple[str, ...] = (
@@ -78,7 +69,7 @@ class Regions:
 
 
 @dataclass(frozen=True)
-class MotionRecord:
+class MotionRecord(ManifestRecord):
     """One training pair. Paths are absolute after parsing (resolved against the manifest's folder).
 
     reference: an ``int`` is a frame index into the target video (the reference frame is that frame and
@@ -106,10 +97,6 @@ class MotionRecord:
     driving_aug: Path | None = None
     driving_mask_aug: Path | None = None
     target_mask: Path | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def source_class(self) -> str:
@@ -133,19 +120,8 @@ class MotionRecord:
                 out[name] = region.video
         return out
 
-    def to_json(self, base: Path) -> dict[str, Any]:
-        """The JSON object of this record with paths relative to ``base`` (the manifest's folder)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name == "meta" and not value):
-                continue
-            if isinstance(value, Path):
-                value = relative_path(value, base)
-            elif isinstance(value, Regions):
-                value = value.to_json(base)
-            out[f.name] = value
-        return out
+    def json_value(self, name: str, value: Any, base: Path) -> Any:
+        return value.to_json(base) if isinstance(value, Regions) else value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,7 +131,6 @@ class MotionRecord:
 _REQUIRED = ("id", "source", "mode", "driving", "target", "reference", "driving_mask", "reference_mask", "fps")
 _PATH_FIELDS = ("driving", "target", "driving_mask", "reference_mask", "driving_aug", "driving_mask_aug", "target_mask")
 _BOOL_FIELDS = ("end_to_end", "history_allowed")
-_INT_FIELDS = ("frames", "height", "width")
 _REGION_FIELDS = ("hands", "faces", "ocr")
 _KNOWN = {f.name for f in fields(MotionRecord)}
 # Parquet columns holding JSON text because their values mix types.
@@ -184,11 +159,10 @@ def parse_record(raw: Any, base: Path, line: int | None = None) -> MotionRecord:
     f.reference("target")
     f.fps(FPS_RANGE)
     f.booleans(_BOOL_FIELDS)
-    f.positive_ints(_INT_FIELDS)
     for name in _REGION_FIELDS:
         if f.given(name):
             f.values[name] = _parse_regions(f, name)
-    f.meta()
+    f.shared()
     f.together("driving_aug", "driving_mask_aug", "the swap replaces the driving video and its mask together")
     return MotionRecord(**f.values)
 

@@ -3,7 +3,8 @@
 A manifest is one JSON object per line; paths in it are relative to its folder. Parsing is strict and the same
 for every record type: a record type's ``parse(raw, base, line)`` reads its fields through `RecordFields`, which
 raises `ManifestError` naming the line, the record id and the field for an unknown key, a missing required key
-or a wrong type. `iter_jsonl` -> `parse_rows` -> `collect_records` read a file (bad lines are yielded, not
+or a wrong type. Every record type is a `ManifestRecord` (the size fields and ``meta``, JSON writing).
+`iter_jsonl` -> `parse_rows` -> `collect_records` read a file (bad lines are yielded, not
 raised, so a validator can list them all); `write_jsonl` writes one atomically.
 """
 
@@ -12,12 +13,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from scail2.conditioning.condition import MODES
 
 BoxTrack = list[list[tuple[float, float, float, float]]]  # per frame: list of (x0, y0, x1, y1) in pixels
+# The size fields of every record type (`ManifestRecord`): its main video's frame count and size.
+SIZE_FIELDS = ("frames", "height", "width")
 
 
 class ManifestError(ValueError):
@@ -156,6 +160,11 @@ class RecordFields:
             track.append(boxes)
         return track
 
+    def shared(self) -> None:
+        """The fields of `ManifestRecord`: ``frames`` / ``height`` / ``width`` (positive integers) and ``meta``."""
+        self.positive_ints(SIZE_FIELDS)
+        self.meta()
+
     def meta(self) -> None:
         """``meta``: free-form data, a JSON object."""
         if "meta" in self.raw:
@@ -168,6 +177,39 @@ class RecordFields:
         if (a in self.values) != (b in self.values):
             given, other = (a, b) if a in self.values else (b, a)
             self.fail(other, f"missing while {given} is given; {why}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestRecord:
+    """What every record type shares. Its own fields come first, these after them (keyword-only):
+
+    frames / height / width: the frame count and size of the record's main video (the one that decides its
+    bucket: a motion pair's target, a preference pair's preferred video); optional, read from the file when
+    absent (`scail2.data.sample.video_meta`). meta: free-form data (a JSON object).
+    """
+
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def json_value(self, name: str, value: Any, base: Path) -> Any:
+        """The JSON form of field ``name``'s ``value`` (not None, not a path); record types override it for
+        their own value types."""
+        return value
+
+    def to_json(self, base: Path) -> dict[str, Any]:
+        """The JSON object of this record with paths relative to ``base`` (the manifest's folder): fields that
+        are None (and an empty ``meta``) left out, the record type's own fields first."""
+        shared = {f.name for f in fields(ManifestRecord)}
+        ordered = sorted(fields(self), key=lambda f: f.name in shared)  # stable: declaration order otherwise
+        out: dict[str, Any] = {}
+        for f in ordered:
+            value = getattr(self, f.name)
+            if value is None or (f.name == "meta" and not value):
+                continue
+            out[f.name] = relative_path(value, base) if isinstance(value, Path) else self.json_value(f.name, value, base)
+        return out
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:

@@ -18,6 +18,8 @@ records a separate image), hand and face boxes, a caption, and for some an augme
 (the swap) and an OCR-like sign with its mask video. Masks are drawn on the official backgrounds of their
 mode (`scail2.conditioning.masks.MASK_BACKGROUNDS`): animation: driving and target masks on black, the
 reference mask on white; replacement: driving and target masks on white, the reference mask on black.
+The drawing API (`random_character`, `random_motion`, `pose_joints`, `random_background`, `draw_posed`,
+`joint_box`, `scene_caption`, `colour_mask_video`) is public: the synthetic preference components draw with it.
 Everything is a function of the seed; `generate_dataset` records the drawing version and options in
 ``synth.json`` and `ensure_dataset` refuses a folder drawn by another version or with other options.
 """

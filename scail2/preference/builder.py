@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from scail2.conditioning.masks import character_order
+from scail2.config.components import build_component, describe_component, read_components
 from scail2.data.engine.clips import Clip, PoseEstimator, Reference, Segmenter
-from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe, instantiate
+from scail2.data.engine.components import check_keys
 from scail2.data.manifest import MotionRecord, load_manifest
 from scail2.data.records import BoxTrack
 from scail2.data.synth import colour_mask_video
@@ -137,23 +138,6 @@ _PROTOCOLS = {"pose_estimator": PoseEstimator, "weak_pose_estimator": PoseEstima
               "references": ReferenceSource, "segmenter": Segmenter}  # fmt: skip
 
 
-def component_preset(name: str) -> dict[str, Any]:
-    """A named components configuration. ``synthetic``: ground-truth poses, `NoisyPoses`, the synthetic
-    renderer and references — runs on a ``scail2-data synth`` dataset made with the default seed 0."""
-    here = "scail2.preference.components"
-    presets = {
-        "synthetic": {
-            "pose_estimator": {"_target_": f"{here}.SyntheticPoses", "synth_seed": 0},
-            "weak_pose_estimator": {"_target_": f"{here}.NoisyPoses", "seed": 0},
-            "generator": f"{here}.SyntheticRenderer",
-            "references": f"{here}.SyntheticReferences",
-        }
-    }
-    if name not in presets:
-        raise ValueError(f"unknown components preset {name!r}; use one of {sorted(presets)} or a YAML/JSON file")
-    return presets[name]
-
-
 @dataclass
 class PreferenceComponents:
     """The instantiated components and, per component, the text recorded as provenance."""
@@ -167,49 +151,28 @@ class PreferenceComponents:
     specs: dict[str, str] | None = None
 
 
-def load_components(
-    config: str | Path | Mapping[str, Any], allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_PREFIXES
-) -> PreferenceComponents:
-    """Components from a preset name (`component_preset`), a ``.yaml``/``.yml``/``.json`` file or a mapping with
-    keys pose_estimator, weak_pose_estimator, generator, references and optionally segmenter and filter; each
-    value is an import path or ``{_target_: path, **kwargs}`` (see `instantiate`)."""
-    if isinstance(config, Mapping):
-        spec = dict(config)
-    elif Path(config).suffix in (".yaml", ".yml", ".json"):
-        path = Path(config)
-        if not path.exists():
-            raise FileNotFoundError(f"components file {path} not found")
-        if path.suffix == ".json":
-            spec = json.loads(path.read_text())
-        else:
-            import yaml
-
-            spec = yaml.safe_load(path.read_text())
-        if not isinstance(spec, dict):
-            raise ValueError(f"components file {path} must hold a mapping of component name -> spec")
-    else:
-        spec = component_preset(str(config))
-    unknown = sorted(set(spec) - set(_REQUIRED_COMPONENTS) - set(_OPTIONAL_COMPONENTS))
-    if unknown:
-        known = list(_REQUIRED_COMPONENTS + _OPTIONAL_COMPONENTS)
-        raise ValueError(f"components: unknown key {unknown[0]!r}; known keys are {known}")
-    missing = [k for k in _REQUIRED_COMPONENTS if spec.get(k) is None]
+def load_components(config: str | Path | Mapping[str, Any]) -> PreferenceComponents:
+    """Components from a preset of ``conf/components/preference/`` (``synthetic``: ground-truth poses,
+    `NoisyPoses`, the synthetic renderer and references, for a ``scail2-data synth`` dataset of seed 0), a
+    ``.yaml``/``.yml``/``.json`` file or a mapping with keys pose_estimator, weak_pose_estimator, generator,
+    references and optionally segmenter and filter; each value is a target name or ``{_target_: name, **kwargs}``,
+    built by the config system under its allow-list (`scail2.config.components`)."""
+    spec = read_components(config, "preference")
+    check_keys(spec, _REQUIRED_COMPONENTS, _OPTIONAL_COMPONENTS, "components")
+    missing = [k for k in _REQUIRED_COMPONENTS if spec[k] is None]
     if missing:
-        raise ValueError(f"components: {missing[0]} is missing; give an import path or {{_target_: ..., ...}}")
+        raise ValueError(f"components: {missing[0]} is null; give a target name or {{_target_: ..., ...}}")
     built: dict[str, Any] = {}
     for key in _REQUIRED_COMPONENTS + _OPTIONAL_COMPONENTS:
         if spec.get(key) is None:
             continue
-        obj = instantiate(spec[key], allowed_prefixes, what=key)
-        protocol = _PROTOCOLS.get(key)
-        if protocol is not None and not isinstance(obj, protocol):
-            raise ValueError(f"components: {key} {describe(spec[key])} does not implement {protocol.__name__}")
+        obj = build_component(spec[key], key, _PROTOCOLS.get(key))
         if key == "filter" and not callable(obj):
-            raise ValueError(f"components: filter {describe(spec[key])} is not callable (pair -> bool)")
+            raise ValueError(f"components: filter {describe_component(spec[key])} is not callable (pair -> bool)")
         built[key] = obj
     if built["generator"].mode not in ("animation", "replacement"):
         raise ValueError(f"components: generator mode {built['generator'].mode!r}; use 'animation' or 'replacement'")
-    specs = {k: describe(spec[k]) for k in built}
+    specs = {k: describe_component(spec[k]) for k in built}
     return PreferenceComponents(**built, specs=specs)
 
 

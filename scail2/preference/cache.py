@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scail2.data.buckets import Bucket, assign_bucket
-from scail2.data.datasets import PairDatasetBase
+from scail2.data.datasets import CachedPairDataset
 from scail2.data.latents import LatentSample
 from scail2.data.sample import SampleError
 from scail2.data.shards import CacheFormat, CacheReport, ShardIndex, build_sharded_cache
@@ -56,23 +56,8 @@ class PreferenceCacheIndex(ShardIndex):
 
     def read_sample(self, entry: Mapping[str, Any]) -> PreferenceSample:
         t = self.read_tensors(entry, CACHE_TENSORS)
-        winner = LatentSample(
-            id=entry["id"],
-            source=entry["source"],
-            mode=entry["mode"],
-            end_to_end=True,
-            history_allowed=False,
-            forward=False,
-            bucket=Bucket(*entry["bucket"]),
-            latents=t["latents"],
-            reference=t["reference"],
-            reference_mask=t["reference_mask"],
-            driving=t["driving"],
-            driving_mask=t["driving_mask"],
-            text=t["text"],
-            text_len=entry["text_len"],
-            clip_tokens=t["clip_tokens"],
-            regions={"hands": t["hands"]},
+        winner = LatentSample.from_cache(
+            entry, t, end_to_end=True, history_allowed=False, forward=False, regions={"hands": t["hands"]}
         )
         return PreferenceSample(winner, t["loser_latents"], t["loser_hands"])
 
@@ -145,28 +130,14 @@ def build_preference_cache(
     )
 
 
-class PreferenceCacheDataset(PairDatasetBase):
+class PreferenceCacheDataset(CachedPairDataset):
     """Cached pairs (`build_preference_cache`) -> `PreferenceSample`; nothing is drawn per sample."""
 
     def __init__(self, cache_dir: str | Path, max_attempts: int = 8):
-        super().__init__(max_attempts)
-        self.cache_dir = Path(cache_dir)
-        self.index = PreferenceCacheIndex.load(self.cache_dir)
-        for failure in self.index.failed:
-            self._count(self._excluded, failure["source"], failure["reason"])
-        self.entries = list(self.index.samples)
-        if not self.entries:
-            raise ValueError(f"the preference cache {self.cache_dir} has no pairs (failed: {len(self.index.failed)})")
-        self.item_sources = [e["source"] for e in self.entries]
-        self.item_classes = [PREFERENCE_CLASS] * len(self.entries)
-        self.item_buckets = [Bucket(*e["bucket"]) for e in self.entries]
-        self._index_items()
+        super().__init__(PreferenceCacheIndex.load(cache_dir), max_attempts)
 
-    def item_name(self, item: int) -> str:
-        return self.entries[item]["id"]
-
-    def null_text(self) -> torch.Tensor:
-        return self.index.null_text()
+    def entry_class(self, entry: Mapping[str, Any]) -> str:
+        return PREFERENCE_CLASS
 
     def _load(self, item: int, seed: int) -> PreferenceSample:  # type: ignore[override]
         return self.index.read_sample(self.entries[item])

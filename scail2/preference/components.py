@@ -9,8 +9,9 @@ The builder (`scail2.preference.builder`) needs
 - optionally a segmenter for the colour masks when G does not report them (`Segmenter.segment(video)`).
 
 Each is a small Protocol; real ones (SDPose as P, ViTPose as P', Wan-Animate as G) are adapters a user writes
-around their models (``docs/data.md`` shows the interface). Components are chosen by import path, restricted
-to allowed prefixes (`scail2.data.engine.components.instantiate`), so a configuration file cannot run arbitrary code.
+around their models (``docs/data.md`` shows the interface). Components are named in a components file and built
+by the config system under its allow-list of exact names (`scail2.config.components`), so a configuration file
+cannot run arbitrary code; a user's own classes are registered by their package (``scail2.config_targets``).
 
 Shipped, so the builder runs on a ``scail2-data synth`` dataset without any model:
 

@@ -5,8 +5,8 @@ shared **condition** — a reference frame (an index into the preferred video, o
 video x_a, with optional colour masks and a caption — the **preferred** video x_w, the **dispreferred** video
 x_l, the per-frame hand boxes of both, the mode, the fps and the provenance (which estimators and generator
 made the pair). The field reference is in ``docs/data.md``; `PreferenceRecord` is its typed form. Parsing is
-as strict as the motion manifest's (both read their fields through `scail2.data.records.RecordFields`): unknown keys, missing keys
-and wrong types raise `ManifestError` naming the line, the record id and the field.
+as strict as the motion manifest's (both read their fields through `scail2.data.records.RecordFields`): unknown
+keys, missing keys and wrong types raise `ManifestError` naming the line, the record id and the field.
 
 Checks of the files are in `scail2.preference.validate`; decoding and datasets in `scail2.preference.data`, the
 preference cache in `scail2.preference.cache`, the data module in `scail2.preference.datamodule`; the pair builder
@@ -16,21 +16,12 @@ preference cache in `scail2.preference.cache`, the data module in `scail2.prefer
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from scail2.data.records import (
-    BoxTrack,
-    ManifestError,
-    RecordFields,
-    collect_records,
-    iter_jsonl,
-    parse_rows,
-    relative_path,
-    type_name,
-    write_jsonl,
-)
+from scail2.data.records import BoxTrack, ManifestError, ManifestRecord, RecordFields, collect_records, iter_jsonl
+from scail2.data.records import parse_rows, type_name, write_jsonl
 
 # Every preference item is in this sampling class; weights may still name record sources.
 PREFERENCE_CLASS = "preference"
@@ -63,7 +54,7 @@ class Provenance:
 
 
 @dataclass(frozen=True)
-class PreferenceRecord:
+class PreferenceRecord(ManifestRecord):
     """One preference pair. Paths are absolute after parsing (resolved against the manifest's folder).
 
     driving: x_a, the driving video of the condition. preferred / dispreferred: x_w / x_l.
@@ -87,11 +78,7 @@ class PreferenceRecord:
     caption: str = ""
     driving_mask: Path | None = None
     reference_mask: Path | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
     provenance: Provenance | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_masks(self) -> bool:
@@ -104,27 +91,19 @@ class PreferenceRecord:
             out["driving_mask"] = self.driving_mask
         return out
 
-    def to_json(self, base: Path) -> dict[str, Any]:
-        """The JSON object of this record with paths relative to ``base`` (the manifest's folder)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name == "meta" and not value):
-                continue
-            if isinstance(value, Path):
-                value = relative_path(value, base)
-            elif isinstance(value, Provenance):
-                value = value.to_json()
-            elif f.name in HAND_FIELDS:
-                value = [[list(b) for b in frame] for frame in value]
-            out[f.name] = value
-        return out
+    def json_value(self, name: str, value: Any, base: Path) -> Any:
+        if isinstance(value, Provenance):
+            return value.to_json()
+        if name in HAND_FIELDS:
+            return [[list(b) for b in frame] for frame in value]
+        return value
 
 
 _REQUIRED = ("id", "mode", "fps", "driving", "preferred", "dispreferred", "reference", "preferred_hands", "dispreferred_hands")
 _PATH_FIELDS = ("driving", "preferred", "dispreferred", "driving_mask", "reference_mask")
-_INT_FIELDS = ("frames", "height", "width")
 HAND_FIELDS = ("preferred_hands", "dispreferred_hands")
+
+
 _KNOWN = {f.name for f in fields(PreferenceRecord)}
 _PROVENANCE_KNOWN = {f.name for f in fields(Provenance)}
 
@@ -142,10 +121,9 @@ def parse_preference_record(raw: Any, base: Path, line: int | None = None) -> Pr
     f.reference("preferred")
     for name in HAND_FIELDS:
         f.values[name] = f.box_track(name, f.raw[name])
-    f.positive_ints(_INT_FIELDS)
     if f.raw.get("provenance") is not None:
         f.values["provenance"] = _parse_provenance(f)
-    f.meta()
+    f.shared()
     return PreferenceRecord(**f.values)
 
 

@@ -5,6 +5,7 @@ their header."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -215,23 +216,87 @@ def test_a_bomb_reference_image_is_one_bad_record(dataset):
 
 
 # ----------------------------------------------------------------------------------------------- components
-@pytest.mark.parametrize(
-    "spec",
-    [
-        # the loader itself, re-entered with prefixes of the attacker's choosing
-        {"_target_": "scail2.data.engine.components.instantiate", "spec": "os.getpid", "allowed_prefixes": ["os."]},
-        # a command's entry point: runs scail2-data with chosen arguments
-        {"_target_": "scail2.data.cli.main", "argv": ["synth", "{tmp}/written", "--pairs", "1"]},
-        # a class the module imported from elsewhere
-        {"_target_": "scail2.preference.components.MotionRecord"},
-        {"_target_": "scail2.train.main"},
-    ],
-)
-def test_a_components_file_can_build_only_component_classes(tmp_path, spec):
-    from scail2.data.engine.components import instantiate
+def _hostile_component(target: str, marker: Path) -> dict:
+    """A component node that would create ``marker`` if ``target`` were built with it."""
+    args = {
+        "scail2.config.instantiate.instantiate": {"_args_": [{"_target_": "os.system", "command": f"touch {marker}"}, "x"]},
+        "scail2.data.cli.main": {"argv": ["synth", str(marker), "--pairs", "1"]},  # a command's entry point
+        "scail2.train.main": {},
+        "scail2.preference.components.MotionRecord": {},  # a class the module imported from elsewhere
+        "builtins.eval": {"_args_": [f"open('{marker}', 'w')"]},
+        "subprocess.Popen": {"args": ["touch", str(marker)]},
+        "os.system": {"command": f"touch {marker}"},
+        "scail2.data.engine.adapters.subprocess.Popen": {"args": ["touch", str(marker)]},  # reached through a module
+        "scail2.data.engine.adapters.os.system": {"command": f"touch {marker}"},
+    }[target]
+    return {"_target_": target, **args}
 
-    spec = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else [a.format(tmp=tmp_path) for a in v] if isinstance(v, list) else v)
-            for k, v in spec.items()}
-    with pytest.raises(ValueError, match=r"(not a class|defined in|outside the allowed)"):
-        instantiate(spec)
-    assert not (tmp_path / "written").exists()
+
+HOSTILE_COMPONENTS = ["scail2.config.instantiate.instantiate", "scail2.data.cli.main", "scail2.train.main",
+                      "scail2.preference.components.MotionRecord", "builtins.eval", "subprocess.Popen", "os.system",
+                      "scail2.data.engine.adapters.subprocess.Popen", "scail2.data.engine.adapters.os.system"]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", HOSTILE_COMPONENTS)
+def test_a_components_file_can_build_only_allowed_targets(tmp_path, target):
+    """Through every loader, at the top of a component, nested in its arguments and in Hydra's positional
+    arguments: refused by the config system's allow-list before anything is built."""
+    from scail2.config import UnsafeTargetError, read_components
+    from scail2.data.engine.components import load_motionpair_components, load_prepare_components
+    from scail2.preference.builder import load_components
+
+    marker = tmp_path / "MARKER"
+    evil = _hostile_component(target, marker)
+    preference = read_components("synthetic", "preference")
+    prepare = read_components("synthetic", "prepare")
+    motionpair = read_components("local_vlm", "motionpair")
+    cases = [
+        (load_components, {**preference, "generator": evil}, "generator"),
+        (load_components, {**preference, "generator": {"_target_": "scail2.data.engine.adapters.AnimatorGenerator",
+                                                       "animator": evil}}, "generator.animator"),
+        (load_components, {**preference, "generator": {"_target_": "scail2.data.engine.adapters.AnimatorGenerator",
+                                                       "_args_": [evil]}}, r"generator\._args_\[0\]"),
+        (load_prepare_components, {**prepare, "captioner": evil}, "captioner"),
+        (load_motionpair_components, {**motionpair, "animators": [{"name": "x", "source": "pose", "animator": evil}]},
+         r"animators\[0\]\.animator"),
+    ]  # fmt: skip
+    for load, spec, where in cases:
+        with pytest.raises(UnsafeTargetError, match=rf"config `{where}\._target_: {re.escape(target)}` is not allowed"):
+            load(spec)
+    assert not marker.exists()
+
+
+def test_a_hostile_components_file_stops_the_command_before_it_writes(tmp_path, capsys):
+    from scail2.config import read_components
+
+    marker = tmp_path / "MARKER"
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"")
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(
+        "segmenter: {_target_: scail2.data.engine.standins.SyntheticSegmenter}\n"
+        "keypoints: {_target_: scail2.data.engine.standins.SyntheticKeypoints}\n"
+        f"captioner: {{_target_: subprocess.Popen, args: [touch, {marker}]}}\n"
+    )
+    assert main(["prepare", str(tmp_path / "videos"), str(tmp_path / "out"), "--components", str(evil), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scail2-data prepare: config `captioner._target_: subprocess.Popen` is not allowed") and err.count("\n") == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    pref = tmp_path / "evil_pref.json"
+    pref.write_text(json.dumps({**read_components("synthetic", "preference"),
+                                "generator": {"_target_": "os.system", "command": f"touch {marker}"}}))
+    assert main(["preference", str(tmp_path / "none.jsonl"), str(tmp_path / "dpo"), "--components", str(pref)]) == 2
+    assert "config `generator._target_: os.system` is not allowed" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "dpo").exists()
+
+
+def test_an_unregistered_class_of_ones_own_is_refused_with_the_way_to_register_it(tmp_path, monkeypatch):
+    from scail2.config import UnsafeTargetError
+    from scail2.data.engine.components import load_prepare_components
+
+    (tmp_path / "site" / "mylab_seg").mkdir(parents=True)
+    (tmp_path / "site" / "mylab_seg" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    spec = {"segmenter": "mylab_seg.Segmenter", "keypoints": "scail2.data.engine.standins.SyntheticKeypoints", "captioner": None}
+    with pytest.raises(UnsafeTargetError, match=r"register it \(entry point group scail2\.config_targets"):
+        load_prepare_components(spec)  # refused by name: the package is never imported

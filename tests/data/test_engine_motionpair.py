@@ -21,6 +21,7 @@ from scail2.data.manifest import load_manifest
 from scail2.data.validate import ValidateOptions, validate_manifest
 from scail2.data.video import read_image, read_video, write_image
 
+from ..registration import fake_distribution
 from .engine_fakes import Behaviour, FakeServer, synth_videos
 
 pytestmark = pytest.mark.timeout(300)
@@ -142,7 +143,7 @@ def test_resume_is_a_no_op_and_runs_are_reproducible(built, prepared, tmp_path):
     assert ours == [(r.id, r.source, r.reference, r.caption) for r in load_manifest(report.manifest)]
 
 
-def test_failing_endpoints_and_generators_are_reasons(prepared, tmp_path):
+def test_failing_endpoints_and_generators_are_reasons(prepared, tmp_path, monkeypatch):
     prep, pool = prepared
     with FakeServer(Behaviour(garbage=True)) as srv:
         report = synthesize_pairs(prep, tmp_path / "a", spec(srv.url, pool), MotionPairOptions(), progress=False)
@@ -155,24 +156,28 @@ def test_failing_endpoints_and_generators_are_reasons(prepared, tmp_path):
     with FakeServer(Behaviour(check_fails=100)) as srv:
         report = synthesize_pairs(prep, tmp_path / "c", spec(srv.url, pool), MotionPairOptions(max_turns=2), progress=False)
     assert report.skipped == {"reference_rejected": 5} and report.generators["mocha"]["failed"] >= 1
+    # A user's own animator (registered by its package) that returns one frame too few.
+    fake_distribution(tmp_path / "site", "mylab-engine", {"short": "mylab_engine:ShortAnimator"}, {"mylab_engine/__init__.py": SHORT})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     with FakeServer() as srv:
         broken = spec(srv.url, pool, replacers=[], animators=[
-            {"name": "short", "source": "scail_animation", "animator": "tests.data.test_engine_motionpair.ShortAnimator"}])
-        report = synthesize_pairs(prep, tmp_path / "d", broken, MotionPairOptions(), allowed_prefixes=("scail2.", "tests."),
-                                  progress=False)  # fmt: skip
+            {"name": "short", "source": "scail_animation", "animator": "mylab_engine.ShortAnimator"}])
+        report = synthesize_pairs(prep, tmp_path / "d", broken, MotionPairOptions(), progress=False)
+    sys.modules.pop("mylab_engine", None)
     multi = sum(json.loads(p.read_text())["characters"] > 1 for p in prep.glob("clips/*/clip.json"))
     assert multi >= 1 and report.skipped == {"generator_bad_output": 5 - multi, "no_replacement_generator": multi}
 
 
+SHORT = """
+from scail2.data.engine.standins import SyntheticAnimator
+
+
 class ShortAnimator:
-    """Returns one frame too few."""
-
     def animate(self, request):
-        from scail2.data.engine.standins import SyntheticAnimator
-
         out = SyntheticAnimator().animate(request)
         out.frames = out.frames[:-1]
         return out
+"""
 
 
 def test_forward_packaging_and_cli(prepared, tmp_path, capsys):

@@ -17,12 +17,11 @@ from scail2.data.buckets import Bucket
 from scail2.data.cli import main
 from scail2.data.datamodule import MotionDataModule
 from scail2.data.manifest import ManifestError, load_manifest
-from scail2.data.engine.components import instantiate
+from scail2.config import UnsafeTargetError, read_components
 from scail2.preference.builder import (
     BuildOptions,
     MinHandDifference,
     build_preferences,
-    component_preset,
     load_components,
     make_candidate,
 )
@@ -215,13 +214,23 @@ def test_components_from_a_config_file(tmp_path):
     components = load_components(config)
     assert components.weak_pose_estimator.jitter == 0.02 and components.filter.min_difference == 0.01
     assert "jitter=0.02" in components.specs["weak_pose_estimator"]
-    with pytest.raises(ValueError, match="outside the allowed import prefixes"):
-        instantiate({"_target_": "os.system", "command": "true"})
+    # A name alone and {_target_: name} are one component with one provenance text; the preset's is stable.
+    assert components.specs["generator"] == "scail2.preference.components.SyntheticRenderer"
+    here = "scail2.preference.components"
+    assert load_components("synthetic").specs == {
+        "pose_estimator": f"{here}.SyntheticPoses(synth_seed=0)", "weak_pose_estimator": f"{here}.NoisyPoses(seed=0)",
+        "generator": f"{here}.SyntheticRenderer", "references": f"{here}.SyntheticReferences",
+    }  # fmt: skip
+    synthetic = read_components("synthetic", "preference")
+    with pytest.raises(UnsafeTargetError, match=r"config `generator\._target_: os\.system` is not allowed"):
+        load_components({**synthetic, "generator": {"_target_": "os.system", "command": "true"}})
+    with pytest.raises(ValueError, match=r"config `weak_pose_estimator\.jiter`: .*NoisyPoses has no parameter `jiter`; did you mean `jitter`"):
+        load_components({**synthetic, "weak_pose_estimator": {"_target_": "scail2.preference.components.NoisyPoses", "jiter": 0.1}})
     with pytest.raises(ValueError, match="unknown key 'estimator'"):
         load_components({"estimator": "x"})
     with pytest.raises(ValueError, match="does not implement Generator"):
-        load_components({**component_preset("synthetic"), "generator": "scail2.preference.components.SyntheticPoses"})
-    with pytest.raises(ValueError, match="unknown components preset"):
+        load_components({**synthetic, "generator": "scail2.preference.components.SyntheticPoses"})
+    with pytest.raises(ValueError, match=r"unknown components preset 'wan-animate' .*\['services', 'synthetic'\]"):
         load_components("wan-animate")
 
 

@@ -25,6 +25,7 @@ from scail2.config import (
 )
 from scail2.train import _task, build_trainer, main, train
 
+from ..registration import fake_distribution
 from .conftest import compose_run, train_overrides
 
 pytestmark = pytest.mark.hostile
@@ -114,35 +115,39 @@ def test_a_target_reached_through_an_interpolation_is_checked():
         instantiate(node, "callbacks.y")
 
 
+def _named_targets(value) -> set[str]:
+    """Every ``_target_`` value in a parsed YAML document, at any depth (block and flow style alike)."""
+    if isinstance(value, dict):
+        own = {value["_target_"]} if isinstance(value.get("_target_"), str) else set()
+        return own.union(*(_named_targets(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_named_targets(v) for v in value))
+    return set()
+
+
 def test_the_allow_list_is_exactly_the_targets_the_shipped_configs_use():
+    """The training and benchmark configs and the components files of scail2-data (conf/components/) alike."""
+    import yaml
+
     from scail2.config.schema import TrainerConfig, schema_uses
 
     named = {TrainerConfig._target_, *schema_uses((config_dir(), experiments_dir()))}
     for folder in (config_dir(), experiments_dir()):
         for path in folder.rglob("*.yaml"):
-            for line in path.read_text().splitlines():
-                if line.strip().startswith("_target_:"):
-                    named.add(line.split(":", 1)[1].strip())
-    named.discard("")
+            named |= _named_targets(yaml.safe_load(path.read_text()))
+    components = set().union(*(_named_targets(yaml.safe_load(p.read_text())) for p in (config_dir() / "components").rglob("*.yaml")))
+    assert components and components <= named
     assert {t for t in named if not t.startswith("scail2.bench")} == set(SHIPPED_TARGETS)
 
 
 # ----------------------------------------------------------------------------------------------- registration
 def _dist(root: Path, name: str, entry: str, package: str | None) -> None:
     """An installed distribution ``name`` (a dist-info folder on sys.path) registering ``entry``."""
-    info = root / f"{name}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[scail2.config_targets]\nthing = {entry}\n")
-    files = [f"{name}-0.1.dist-info/METADATA", f"{name}-0.1.dist-info/entry_points.txt"]
-    if package is not None:
-        (root / package).mkdir()
-        (root / package / "__init__.py").write_text(
-            "from lightning.pytorch.callbacks import Callback\n\n\nclass Mine(Callback):\n"
-            "    def __init__(self, level: int = 1):\n        self.level = level\n"
-        )
-        files.append(f"{package}/__init__.py")
-    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+    mine = (
+        "from lightning.pytorch.callbacks import Callback\n\n\nclass Mine(Callback):\n"
+        "    def __init__(self, level: int = 1):\n        self.level = level\n"
+    )
+    fake_distribution(root, name, {"thing": entry}, {f"{package}/__init__.py": mine} if package is not None else {})
 
 
 def test_a_users_package_registers_its_own_class(tmp_path, monkeypatch, data_root):

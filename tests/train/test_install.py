@@ -1,4 +1,5 @@
-"""A non-editable install works: the wheel carries conf/ and experiments/, and every command runs from it.
+"""A non-editable install works: the wheel carries conf/ (components presets included) and experiments/, and every
+command runs from it.
 
 The wheel is built from this checkout and installed into a fresh virtual environment whose only view of the
 dependencies is the test environment's site-packages (added by a path file, so the editable install of the
@@ -55,6 +56,7 @@ def test_the_wheel_carries_the_configs_and_runs_a_demo(installed, data_root, tmp
     assert not module.is_relative_to(ROOT), f"{module}: the checkout, not the installed wheel"
     assert conf.is_relative_to(module.parents[1]) and (conf / "train.yaml").is_file()
     assert (experiments / "demo.yaml").is_file()
+    assert (conf / "components" / "prepare" / "synthetic.yaml").is_file()  # scail2-data's components presets
 
     out = tmp_path / "outputs"
     proc = _run([str(bin_dir / "scail2-train"), *train_overrides(data_root, out, "trainer.max_steps=2", "optim.scheduler.warmup_steps=1")], tmp_path, env)

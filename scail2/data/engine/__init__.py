@@ -6,7 +6,8 @@
   a Quality Checker around a multi-reference image generator; pose-driven animation and replacement generators;
   a VLM filter; reverse-driving packaging (``scail2-data motionpair``).
 - `pose`: skeleton videos from 2-D keypoints (COCO-WholeBody, OpenPose layouts) and skeleton scaling.
-- `components`: the interfaces a model is plugged in through; `adapters`: commands, HTTP endpoints and our own
+- `clips`: what models are handed and return (`Clip`, `PoseTrack`, `Reference`, `GeneratedVideo`), shared with
+  the preference builder (`scail2.preference`); `components`: the interfaces a model is plugged in through; `adapters`: commands, HTTP endpoints and our own
   pipeline behind them; `vlm` and `endpoints`: the OpenAI-compatible VLM components and their client;
   `standins`: deterministic components for the synthetic videos (tests, demos).
 

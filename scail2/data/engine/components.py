@@ -10,13 +10,14 @@ stand-ins for the synthetic videos (`scail2.data.engine.standins`).
 animation and/or replacement generators, and optionally a filter, a segmenter (for generators that do not report
 their characters' masks) and a captioner (for forward pairs). A component raises `ComponentError` (or anything
 else) when it cannot deliver; the engine records the reason and moves on.
+
+The components of a run come from a components file (a preset under ``conf/components/<command>/``, a YAML/JSON
+file or a mapping), read and built by the config system (`scail2.config.components`): only targets on its one
+allow-list are built, a user's own classes once their package registers them (``scail2.config_targets``).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from scail2.config.components import build_component, describe_component, read_components
 from scail2.data.engine.clips import Clip, GeneratedVideo, PoseEstimator, PoseTrack, Segmenter
 from scail2.data.records import BoxTrack
 
 __all__ = [
-    "DEFAULT_ALLOWED_PREFIXES", "AnimationRequest", "Animator", "Captioner", "CandidateSelector", "CharacterPool",
-    "ComponentError", "describe", "instantiate",
+    "AnimationRequest", "Animator", "Captioner", "CandidateSelector", "CharacterPool", "ComponentError",
     "FilterRequest", "GeneratedVideo", "ImageGenerator", "OCRDetector", "PoolImage", "PoseEstimator",
     "PromptWeaver", "QualityChecker", "ReplacementRequest", "Replacer", "Segmenter", "Verdict", "VideoFilter",
 ]  # fmt: skip
@@ -42,74 +43,6 @@ class ComponentError(RuntimeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Choosing components by import path
-# ----------------------------------------------------------------------------------------------------
-
-# scail2's component classes; a user's own package is admitted with --allow PREFIX.
-DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = (
-    "scail2.data.engine.",
-    "scail2.preference.components.",
-    "scail2.preference.builder.",
-)
-
-
-def instantiate(
-    spec: str | Mapping[str, Any], allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_PREFIXES, what: str = "component"
-) -> Any:
-    """Build a component from ``"package.module.Class"`` or ``{"_target_": "package.module.Class", **kwargs}``.
-
-    Only targets under ``allowed_prefixes`` are imported (a config file names code; it must not name any
-    code), and a target must be a class defined in the module it is named from: not a function (such as this
-    one, or a command's ``main``) and not a name that module imported from elsewhere. Keyword values that are
-    themselves ``{"_target_": ...}`` mappings are built first, under the same rule.
-    """
-    if isinstance(spec, str):
-        target, kwargs = spec, {}
-    elif isinstance(spec, Mapping):
-        if "_target_" not in spec:
-            raise ValueError(f"{what}: {dict(spec)!r} has no _target_; give {{_target_: package.module.Class, ...}}")
-        target = spec["_target_"]
-        kwargs = {k: v for k, v in spec.items() if k != "_target_"}
-    else:
-        raise ValueError(f"{what}: expected an import path or a mapping with _target_, got {type(spec).__name__}")
-    if not isinstance(target, str) or "." not in target:
-        raise ValueError(
-            f"{what}: _target_ {target!r} is not a dotted import path like scail2.preference.components.NoisyPoses"
-        )
-    if not any(target.startswith(prefix) for prefix in allowed_prefixes):
-        raise ValueError(
-            f"{what}: {target!r} is outside the allowed import prefixes {list(allowed_prefixes)}; "
-            f"allow its package explicitly (e.g. --allow {target.split('.')[0]}.)"
-        )
-    module_name, _, attr = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{what}: cannot import {target!r}: {exc}") from None
-    if not inspect.isclass(obj) or obj.__module__ != module_name:
-        where = f"defined in {obj.__module__}" if inspect.isclass(obj) else f"a {type(obj).__name__}, not a class"
-        raise ValueError(
-            f"{what}: {target!r} is {where}; a component must be a class named by the module that defines it"
-        )
-    built = {
-        k: instantiate(v, allowed_prefixes, f"{what}.{k}") if isinstance(v, Mapping) and "_target_" in v else v
-        for k, v in kwargs.items()
-    }
-    try:
-        return obj(**built)
-    except TypeError as exc:
-        raise ValueError(f"{what}: {target}({', '.join(built)}) failed: {exc}") from None
-
-
-def describe(spec: str | Mapping[str, Any]) -> str:
-    """A short, stable text for a component spec (what the pair records as provenance)."""
-    if isinstance(spec, str):
-        return spec
-    args = ", ".join(f"{k}={describe(v) if isinstance(v, Mapping) else v!r}" for k, v in sorted(spec.items()) if k != "_target_")
-    return f"{spec['_target_']}({args})"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,36 +205,6 @@ class VideoFilter(Protocol):
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_spec(config: str | Path | Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """A components mapping from a preset name, a ``.yaml``/``.yml``/``.json`` file or a mapping."""
-    if isinstance(config, Mapping):
-        return dict(config)
-    text = str(config)
-    if Path(text).suffix in (".yaml", ".yml", ".json"):
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"components file {path} not found")
-        if path.suffix == ".json":
-            spec = json.loads(path.read_text())
-        else:
-            import yaml
-
-            spec = yaml.safe_load(path.read_text())
-        if not isinstance(spec, dict):
-            raise ValueError(f"components file {path} must hold a mapping of component name -> spec")
-        return spec
-    if text not in presets:
-        raise ValueError(f"unknown components preset {text!r}; use one of {sorted(presets)} or a YAML/JSON file")
-    return dict(presets[text])
-
-
-def build(spec: Any, protocol: type | None, what: str, allowed: Sequence[str]) -> Any:
-    obj = instantiate(spec, allowed, what=what)
-    if protocol is not None and not isinstance(obj, protocol):
-        raise ValueError(f"components: {what} {describe(spec)} does not implement {protocol.__name__}")
-    return obj
-
-
 def check_keys(spec: Mapping[str, Any], required: Sequence[str], optional: Sequence[str], what: str) -> None:
     unknown = sorted(set(spec) - set(required) - set(optional))
     if unknown:
@@ -324,36 +227,22 @@ _PREPARE_REQUIRED = ("segmenter", "keypoints", "captioner")
 _PREPARE_OPTIONAL = ("ocr",)
 
 
-def prepare_presets() -> dict[str, dict[str, Any]]:
-    here = "scail2.data.engine.standins"
-    return {
-        # For videos cut from a `scail2-data synth` dataset (seed 0): exact masks and keypoints, a caption from the
-        # drawn scene. Tests and demos only.
-        "synthetic": {
-            "segmenter": {"_target_": f"{here}.SyntheticSegmenter", "synth_seed": 0},
-            "keypoints": {"_target_": f"{here}.SyntheticKeypoints", "synth_seed": 0},
-            "captioner": f"{here}.SyntheticCaptioner",
-        }
-    }
-
-
-def load_prepare_components(
-    config: str | Path | Mapping[str, Any], allowed: Sequence[str] = DEFAULT_ALLOWED_PREFIXES
-) -> PrepareComponents:
+def load_prepare_components(config: str | Path | Mapping[str, Any]) -> PrepareComponents:
     """Keys: ``segmenter``, ``keypoints``, ``captioner`` (required; ``captioner: null`` writes records without
-    captions, said in the report), ``ocr`` (optional). Values: an import path or ``{_target_: path, **kwargs}``."""
-    spec = read_spec(config, prepare_presets())
+    captions, said in the report), ``ocr`` (optional). Values: a target name or ``{_target_: name, **kwargs}``;
+    ``config``: a preset of ``conf/components/prepare/``, a YAML/JSON file or a mapping."""
+    spec = read_components(config, "prepare")
     check_keys(spec, _PREPARE_REQUIRED, _PREPARE_OPTIONAL, "prepare components")
     for key in ("segmenter", "keypoints"):
         if spec[key] is None:
             raise ValueError(f"prepare components: {key} is required (an import path or {{_target_: ...}})")
     built = PrepareComponents(
-        segmenter=build(spec["segmenter"], Segmenter, "segmenter", allowed),
-        keypoints=build(spec["keypoints"], PoseEstimator, "keypoints", allowed),
-        captioner=build(spec["captioner"], Captioner, "captioner", allowed) if spec["captioner"] is not None else None,
-        ocr=build(spec["ocr"], OCRDetector, "ocr", allowed) if spec.get("ocr") is not None else None,
+        segmenter=build_component(spec["segmenter"], "segmenter", Segmenter),
+        keypoints=build_component(spec["keypoints"], "keypoints", PoseEstimator),
+        captioner=build_component(spec["captioner"], "captioner", Captioner) if spec["captioner"] is not None else None,
+        ocr=build_component(spec["ocr"], "ocr", OCRDetector) if spec.get("ocr") is not None else None,
     )
-    built.specs = {k: (describe(v) if v is not None else "none") for k, v in spec.items()}
+    built.specs = {k: (describe_component(v) if v is not None else "none") for k, v in spec.items()}
     return built
 
 
@@ -404,14 +293,13 @@ def _weight(entry: Mapping[str, Any], what: str) -> float:
     return float(w)
 
 
-def load_motionpair_components(
-    config: str | Path | Mapping[str, Any], allowed: Sequence[str] = DEFAULT_ALLOWED_PREFIXES
-) -> MotionPairComponents:
+def load_motionpair_components(config: str | Path | Mapping[str, Any]) -> MotionPairComponents:
     """Keys: ``pool``, ``selector``, ``weaver``, ``checker``, ``image_generator``, ``filter`` (required;
     ``filter: null`` keeps every video, said in the report), ``animators`` (a list of ``{name, source, weight,
     animator}``), ``replacers`` (a list of ``{name, weight, replacer, source_single, source_multi}``), optional
-    ``segmenter`` and ``captioner``. At least one animator or replacer is needed."""
-    spec = read_spec(config, {})
+    ``segmenter`` and ``captioner``. At least one animator or replacer is needed. ``config``: a preset of
+    ``conf/components/motionpair/``, a YAML/JSON file or a mapping."""
+    spec = read_components(config, "motionpair")
     check_keys(spec, _MP_REQUIRED, _MP_OPTIONAL, "motionpair components")
     for key in ("pool", "selector", "weaver", "checker", "image_generator"):
         if spec[key] is None:
@@ -423,7 +311,7 @@ def load_motionpair_components(
             raise ValueError(f"{what}: expected {{name, source, weight, animator}}, got {type(entry).__name__}")
         check_keys(entry, ("name", "source", "animator"), ("weight",), what)
         animators.append(AnimatorEntry(str(entry["name"]), str(entry["source"]), _weight(entry, what),
-                                       build(entry["animator"], Animator, f"{what}.animator", allowed)))  # fmt: skip
+                                       build_component(entry["animator"], f"{what}.animator", Animator)))  # fmt: skip
     for i, entry in enumerate(spec.get("replacers") or []):
         what = f"replacers[{i}]"
         if not isinstance(entry, Mapping):
@@ -431,7 +319,7 @@ def load_motionpair_components(
         check_keys(entry, ("name", "replacer"), ("weight", "source_single", "source_multi"), what)
         extra = {k: str(entry[k]) for k in ("source_single", "source_multi") if k in entry}
         replacers.append(ReplacerEntry(str(entry["name"]), _weight(entry, what),
-                                       build(entry["replacer"], Replacer, f"{what}.replacer", allowed), **extra))  # fmt: skip
+                                       build_component(entry["replacer"], f"{what}.replacer", Replacer), **extra))  # fmt: skip
     for entry in [*animators, *replacers]:
         if entry.name in names:
             raise ValueError(f"motionpair components: generator name {entry.name!r} is used twice")
@@ -441,14 +329,14 @@ def load_motionpair_components(
     optional = {k: spec.get(k) for k in ("segmenter", "captioner", "filter")}
     protocols = {"segmenter": Segmenter, "captioner": Captioner, "filter": VideoFilter}
     built = MotionPairComponents(
-        pool=build(spec["pool"], CharacterPool, "pool", allowed),
-        selector=build(spec["selector"], CandidateSelector, "selector", allowed),
-        weaver=build(spec["weaver"], PromptWeaver, "weaver", allowed),
-        checker=build(spec["checker"], QualityChecker, "checker", allowed),
-        image_generator=build(spec["image_generator"], ImageGenerator, "image_generator", allowed),
+        pool=build_component(spec["pool"], "pool", CharacterPool),
+        selector=build_component(spec["selector"], "selector", CandidateSelector),
+        weaver=build_component(spec["weaver"], "weaver", PromptWeaver),
+        checker=build_component(spec["checker"], "checker", QualityChecker),
+        image_generator=build_component(spec["image_generator"], "image_generator", ImageGenerator),
         animators=animators,
         replacers=replacers,
-        **{k: build(v, protocols[k], k, allowed) for k, v in optional.items() if v is not None},
+        **{k: build_component(v, k, protocols[k]) for k, v in optional.items() if v is not None},
     )
     built.specs = _describe_tree(spec)
     return built
@@ -458,7 +346,7 @@ def _describe_tree(value: Any) -> Any:
     """Provenance text of a spec: import targets described, lists and plain mappings kept."""
     if isinstance(value, Mapping):
         if "_target_" in value:
-            return describe(value)
+            return describe_component(value)
         return {k: _describe_tree(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_describe_tree(v) for v in value]

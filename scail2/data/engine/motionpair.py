@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from scail2.config.components import describe_component, read_components
 from scail2.data.engine.components import (
     AnimationRequest,
     FilterRequest,
@@ -51,7 +52,6 @@ from scail2.data.engine.components import (
     ReplacementRequest,
     Verdict,
     load_motionpair_components,
-    read_spec,
 )
 from scail2.data.engine.masks import match_masks, mode_masks
 from scail2.data.engine.pose import render_poses
@@ -71,7 +71,6 @@ from scail2.data.engine.store import (
 )
 from scail2.data.manifest import MotionRecord, load_manifest, parse_record, write_manifest
 from scail2.data.engine.clips import Clip, GeneratedVideo
-from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe
 from scail2.data.video import read_video, write_image, write_video
 
 SETTINGS_NAME = "motionpair.json"
@@ -386,8 +385,8 @@ def _write_pair(folder: Path, clip_dir: Path, info: dict, mode: str, source: str
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(spec: Any, allowed: Sequence[str]) -> None:
-    _WORKER["components"] = spec if isinstance(spec, MotionPairComponents) else load_motionpair_components(spec, allowed)
+def _init_worker(spec: Any) -> None:
+    _WORKER["components"] = spec if isinstance(spec, MotionPairComponents) else load_motionpair_components(spec)
 
 
 def _worker_clip(prepared: Path, cid: str, out: Path, options: MotionPairOptions) -> dict:
@@ -409,7 +408,6 @@ def synthesize_pairs(
     options: MotionPairOptions = MotionPairOptions(),
     *,
     workers: int = 1,
-    allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_PREFIXES,
     retry: Sequence[str] = (),
     progress: bool = True,
 ) -> MotionPairReport:
@@ -426,10 +424,10 @@ def synthesize_pairs(
         built, spec, spec_fp = components, components, components.specs
         filter_text = "none" if components.filter is None else str(components.specs.get("filter", repr(components.filter)))
     else:
-        raw = read_spec(components, {})
-        built = load_motionpair_components(raw, allowed_prefixes) if workers <= 1 else None
+        raw = read_components(components, "motionpair")
+        built = load_motionpair_components(raw) if workers <= 1 else None
         spec, spec_fp = raw, fingerprint(raw)
-        filter_text = "none" if raw.get("filter") is None else describe(raw["filter"])
+        filter_text = "none" if raw.get("filter") is None else describe_component(raw["filter"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs").mkdir(exist_ok=True)
     check_settings(out / SETTINGS_NAME, {"version": _VERSION, "prepared_dir": str(prepared), "options": asdict(options),
@@ -454,14 +452,14 @@ def synthesize_pairs(
                file=sys.stderr)  # fmt: skip
     try:
         if workers <= 1 or len(todo) <= 1:
-            comps = built if built is not None else load_motionpair_components(spec, allowed_prefixes)
+            comps = built if built is not None else load_motionpair_components(spec)
             for cid in todo:
                 results[cid] = _process_clip(prepared, cid, out, comps, options)
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(spec, tuple(allowed_prefixes))) as pool:  # fmt: skip
+                                     initargs=(spec,)) as pool:  # fmt: skip
                 futures = {pool.submit(_worker_clip, prepared, cid, out, options): cid for cid in todo}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()

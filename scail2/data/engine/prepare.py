@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scail2.data.engine.components import PrepareComponents, load_prepare_components, prepare_presets, read_spec
+from scail2.config.components import describe_component, read_components
+from scail2.data.engine.components import PrepareComponents, load_prepare_components
 from scail2.data.engine.masks import binding_order, match_persons, mode_masks
 from scail2.data.engine.pose import random_skeleton_scale, render_poses
 from scail2.data.engine.store import (
@@ -63,7 +64,6 @@ from scail2.data.engine.store import (
 )
 from scail2.data.manifest import MotionRecord, Regions, parse_record, write_manifest
 from scail2.data.engine.clips import Clip, ClipOrigin, PoseTrack
-from scail2.data.engine.components import DEFAULT_ALLOWED_PREFIXES, describe
 from scail2.data.transforms import TRAIN_FPS, CropBox, clip_indices, cover_box, crop_resize, resampled_length
 from scail2.data.video import VideoDecodeError, VideoReader, write_image, write_video
 
@@ -375,8 +375,8 @@ def _process_video(root: Path, rel: str, out: Path, components: PrepareComponent
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(spec: Any, allowed: Sequence[str]) -> None:
-    _WORKER["components"] = spec if isinstance(spec, PrepareComponents) else load_prepare_components(spec, allowed)
+def _init_worker(spec: Any) -> None:
+    _WORKER["components"] = spec if isinstance(spec, PrepareComponents) else load_prepare_components(spec)
 
 
 def _worker_video(root: Path, rel: str, out: Path, options: PrepareOptions) -> dict:
@@ -395,7 +395,6 @@ def prepare_videos(
     options: PrepareOptions = PrepareOptions(),
     *,
     workers: int = 1,
-    allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_PREFIXES,
     retry: Sequence[str] = (),
     progress: bool = True,
 ) -> PrepareReport:
@@ -417,10 +416,10 @@ def prepare_videos(
         built, spec_fp, spec = components, components.specs, components
         captions = components.specs.get("captioner", "none" if components.captioner is None else repr(components.captioner))
     else:
-        raw = read_spec(components, prepare_presets())
-        built = load_prepare_components(raw, allowed_prefixes) if workers <= 1 else None
+        raw = read_components(components, "prepare")
+        built = load_prepare_components(raw) if workers <= 1 else None
         spec_fp, spec = fingerprint(raw), raw
-        captions = "none" if raw.get("captioner") is None else describe(raw["captioner"])
+        captions = "none" if raw.get("captioner") is None else describe_component(raw["captioner"])
     out.mkdir(parents=True, exist_ok=True)
     settings = {"version": _VERSION, "videos_dir": str(root), "options": asdict(options), "components": spec_fp}
     check_settings(out / SETTINGS_NAME, settings)
@@ -445,7 +444,7 @@ def prepare_videos(
                disable=not progress, file=sys.stderr)  # fmt: skip
     try:
         if workers <= 1 or len(todo) <= 1:
-            comps = built if built is not None else load_prepare_components(spec, allowed_prefixes)
+            comps = built if built is not None else load_prepare_components(spec)
             for rel in todo:
                 markers[rel] = _process_video(root, rel, out, comps, options)
                 bar.update(1)
@@ -453,7 +452,7 @@ def prepare_videos(
             # spawn, not fork: the parent may run decoder and torch threads.
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(spec, tuple(allowed_prefixes))) as pool:  # fmt: skip
+                                     initargs=(spec,)) as pool:  # fmt: skip
                 futures = {pool.submit(_worker_video, root, rel, out, options): rel for rel in todo}
                 for future in as_completed(futures):
                     markers[futures[future]] = future.result()

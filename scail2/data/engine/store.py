@@ -69,7 +69,10 @@ def remove_stale(folder: Path) -> int:
 
 
 def fingerprint(value: Any) -> Any:
-    """A spec without its transport keys (`TRANSPORT_KEYS`), for the settings a resume must match."""
+    """A spec without its transport keys (`TRANSPORT_KEYS`), for the settings a resume must match. A target
+    name alone and ``{_target_: name}`` are the same component and give the same fingerprint."""
+    if isinstance(value, Mapping) and set(value) == {"_target_"}:
+        return fingerprint(value["_target_"])
     if isinstance(value, Mapping):
         return {k: fingerprint(v) for k, v in sorted(value.items()) if k not in TRANSPORT_KEYS}
     if isinstance(value, (list, tuple)):
