@@ -61,7 +61,8 @@ TRAINED_VAE_DIR = Path(__file__).resolve().parent / "tiny_vae"
 _VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
-def _check_vae_kind(vae: str) -> None:
+def check_vae_kind(vae: str) -> None:
+    """Refuse an unknown tiny VAE kind, and the trained kind when its shipped files are missing."""
     if vae not in VAE_KINDS:
         raise ValueError(f"vae={vae!r}; use one of {VAE_KINDS}")
     if vae == "trained":
@@ -83,7 +84,7 @@ def trained_tiny_vae(dtype: torch.dtype = torch.float32):
     ``dtype``), in eval mode. Its ``config.latents_mean`` / ``latents_std`` normalise its latents."""
     from diffusers import AutoencoderKLWan
 
-    _check_vae_kind("trained")
+    check_vae_kind("trained")
     return AutoencoderKLWan.from_pretrained(TRAINED_VAE_DIR, torch_dtype=dtype).eval()
 
 
@@ -172,7 +173,7 @@ def save_tiny_encoders(
     Returns:
         `root` as a Path.
     """
-    _check_vae_kind(vae)
+    check_vae_kind(vae)
     if text_dim % 4 or image_dim % 4:
         raise ValueError(f"text_dim={text_dim} and image_dim={image_dim} must be divisible by the 4 tiny heads")
     if image_size % patch_size:
@@ -255,7 +256,7 @@ def ensure_tiny_encoders(root: str | Path, seed: int = 0, vae: str = "random") -
     """Write tiny encoders (default dims, the ``vae`` kind of `save_tiny_encoders`) to `root` unless it already
     holds them; refuse a folder written by another version, with another seed or another VAE (for the trained
     one: other weights), since latents cached next to it would not match these encoders."""
-    _check_vae_kind(vae)
+    check_vae_kind(vae)
     root = Path(root)
     if not (root / "vae" / "config.json").exists():
         log.info("writing tiny encoders (%s VAE) to %s", vae, root)

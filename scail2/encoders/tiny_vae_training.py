@@ -69,6 +69,7 @@ class TrainSettings:
     dim_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     init: str | None = None  # a diffusers VAE folder to start from instead of a fresh initialisation
+    init_decoder: bool = True  # False: take only the encoder from ``init``, and a fresh decoder (of another width)
     # Synthetic training data; held-out sets use other data seeds (different characters, motions, backgrounds).
     train_sets: tuple[DataSet, ...] = ((64, 17, 64, 100),)
     heldout_sets: tuple[DataSet, ...] = ((8, 9, 64, 200),)
@@ -91,17 +92,25 @@ def vae_config(settings: TrainSettings) -> dict:
     )  # fmt: skip
 
 
+# The modules that make the posterior (what ``init_decoder=False`` takes from ``init``).
+_ENCODER_PARTS = ("encoder.", "quant_conv.")
+
+
 def build_vae(settings: TrainSettings):
     """A fresh `AutoencoderKLWan` of the tiny geometry (PyTorch's default initialisation, seeded by the caller),
-    or the weights of ``settings.init`` (which must have that geometry)."""
+    or the weights of ``settings.init`` (which must have that geometry; with ``init_decoder=False`` only its
+    encoder, which must have this encoder's width, and a fresh decoder)."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan(**vae_config(settings))
     if settings.init is not None:
         from safetensors.torch import load_file
 
-        weights = load_file(str(Path(settings.init) / "diffusion_pytorch_model.safetensors"))
-        vae.load_state_dict({k: v.float() for k, v in weights.items()})
+        weights = {k: v.float() for k, v in load_file(str(Path(settings.init) / "diffusion_pytorch_model.safetensors")).items()}
+        if not settings.init_decoder:  # the encoder half only; the decoder keeps its fresh initialisation
+            encoder = {k: v for k, v in weights.items() if k.startswith(_ENCODER_PARTS)}
+            weights = {**{k: v for k, v in vae.state_dict().items() if not k.startswith(_ENCODER_PARTS)}, **encoder}
+        vae.load_state_dict(weights)
     return vae
 
 
@@ -331,6 +340,14 @@ def train(
     return folder
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: need true or false")
+
+
 def _data_sets(text: str) -> tuple[DataSet, ...]:
     """``PAIRS:FRAMES:SIZE:SEED[,...]`` -> data sets."""
     try:
@@ -355,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=value, help="e.g. 1,2,2")
         elif f.name == "decoder_base_dim":
             parser.add_argument(flag, type=int, default=None, help="the decoder's width (default: --base-dim)")
+        elif f.name == "init_decoder":
+            parser.add_argument(flag, type=_yes_no, default=True, help="false: only the encoder from --init (default true)")
         elif f.name == "init":
             parser.add_argument(flag, default=None, help="a diffusers VAE folder of the same geometry to start from")
         else:
