@@ -452,8 +452,12 @@ def test_ensure_tiny_encoders_refuses_other_versions(tmp_path: Path) -> None:
     weights = (root / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_encoders(root, seed=3) == root  # present and current: left as it is
     assert (root / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
-    with pytest.raises(ValueError, match="version 2, seed 3; this version writes version 2, seed 4"):
+    with pytest.raises(ValueError, match="version 2, seed 3, random VAE; this version writes version 2, seed 4, random VAE"):
         ensure_tiny_encoders(root, seed=4)
+    with pytest.raises(ValueError, match="seed 3, random VAE; this version writes version 2, seed 3, trained VAE"):
+        ensure_tiny_encoders(root, seed=3, vae="trained")
+    with pytest.raises(ValueError, match=r"vae='pretty'; use one of \('random', 'trained'\)"):
+        ensure_tiny_encoders(root, seed=3, vae="pretty")
     (root / "tiny_encoders.json").unlink()  # as written before the version record existed
     with pytest.raises(ValueError, match=r"no tiny_encoders.json.*delete .*data"):
         ensure_tiny_encoders(root, seed=3)

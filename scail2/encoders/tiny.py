@@ -1,26 +1,32 @@
-"""Tiny random encoders saved in the Wan2.1-I2V diffusers layout, for tests and demos without real weights.
+"""Tiny encoders saved in the Wan2.1-I2V diffusers layout, for tests and demos without real weights.
 
 `save_tiny_encoders(root)` writes ``vae/``, ``text_encoder/``, ``tokenizer/``, ``image_encoder/`` and
 ``image_processor/`` so that `Encoders.from_pretrained(root)` loads them like the real release:
 
-- VAE: a real-architecture `AutoencoderKLWan` (16 latent channels, stride (4, 8, 8) and the Wan2.1 block layout,
-  so original-format key conversion applies too) with a tiny base width. Its random weights carry the picture
-  through (zero biases, variance-preserving weights; with PyTorch's default init about 90% of the latent
-  variance is the same for every video), and its latent mean/std are measured on seeded probe videos, so
-  normalised latents have unit variance per channel and differences between videos are not drowned by the
-  flow-matching noise.
+- VAE, ``vae="trained"``: the tiny `AutoencoderKLWan` shipped in ``scail2/encoders/tiny_vae/`` (residual
+  variant: 2x2 input patches, strides (4, 8, 8), 16 latent channels, per-channel latent mean/std), trained on the
+  synthetic domain of `scail2.data.synth` by `scail2.encoders.tiny_vae_training` (its ``training.json``
+  records the command, seed, steps, data and held-out PSNR), so decoded synthetic videos are pictures; also
+  loadable on its own with `trained_tiny_vae`. ``vae="random"`` (the default, for tests that need speed and no
+  pictures, or another width ``vae_base_dim``): the Wan2.1 block layout (so original-format key conversion
+  applies too) with seeded random weights that carry the picture through (zero biases, variance-preserving
+  weights; with PyTorch's default init about 90% of the latent variance is the same for every video), and
+  latent mean/std measured on seeded probe videos, so normalised latents have unit variance per channel and
+  differences between videos are not drowned by the flow-matching noise.
 - Text: a 2-layer umT5 encoder of width `text_dim` with a word-level tokenizer built in code (T5's special ids:
   pad 0, EOS 1, unk 2; lower-cased; unknown words -> <unk>; EOS appended), so it works offline on any caption.
 - Image: a 3-layer CLIP vision tower of width `image_dim` on `image_size` px images with `patch_size` patches
   (32 / 8 -> 17 tokens instead of ViT-H's 257), and a CLIPImageProcessor config with CLIP's mean/std.
 
-Weights are random but deterministic for a given seed; building and saving takes well under a second.
+Random weights are deterministic for a given seed; building and saving takes well under a second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -46,8 +52,40 @@ _SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5/umT5
 
 # Version of what `save_tiny_encoders` writes, recorded in <root>/tiny_encoders.json. 2: the VAE's weights carry
 # the picture and its latent statistics are measured (version 1 latents were nearly the same for every video).
+# The stamp also records the VAE kind ("random" when absent) and, for the trained one, its weights' sha256.
 TINY_ENCODERS_VERSION = 2
 _STAMP = "tiny_encoders.json"
+VAE_KINDS: tuple[str, ...] = ("random", "trained")
+# The shipped trained tiny VAE (a diffusers folder: config.json, diffusion_pytorch_model.safetensors, training.json).
+TRAINED_VAE_DIR = Path(__file__).resolve().parent / "tiny_vae"
+_VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def check_vae_kind(vae: str) -> None:
+    """Refuse an unknown tiny VAE kind, and the trained kind when its shipped files are missing."""
+    if vae not in VAE_KINDS:
+        raise ValueError(f"vae={vae!r}; use one of {VAE_KINDS}")
+    if vae == "trained":
+        missing = [name for name in _VAE_FILES if not (TRAINED_VAE_DIR / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"the trained tiny VAE lacks {missing} in {TRAINED_VAE_DIR} (an incomplete install?); reinstall "
+                "scail2, or train it again with `python -m scail2.encoders.tiny_vae_training --out DIR --install`"
+            )
+
+
+def trained_vae_sha256() -> str:
+    """sha256 of the shipped tiny VAE's weights (recorded in the stamp of encoders written with it)."""
+    return hashlib.sha256((TRAINED_VAE_DIR / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+
+
+def trained_tiny_vae(dtype: torch.dtype = torch.float32):
+    """The shipped tiny `AutoencoderKLWan` trained on the synthetic domain (weights stored in float16, cast to
+    ``dtype``), in eval mode. Its ``config.latents_mean`` / ``latents_std`` normalise its latents."""
+    from diffusers import AutoencoderKLWan
+
+    check_vae_kind("trained")
+    return AutoencoderKLWan.from_pretrained(TRAINED_VAE_DIR, torch_dtype=dtype).eval()
 
 
 def _build_tokenizer(model_max_length: int):
@@ -118,20 +156,24 @@ def save_tiny_encoders(
     image_dim: int = 32,
     image_size: int = 32,
     patch_size: int = 8,
+    vae: str = "random",
     vae_base_dim: int = 8,
 ) -> Path:
-    """Build tiny random encoders and save them under `root` in the layout `Encoders.from_pretrained` reads.
+    """Build tiny encoders and save them under `root` in the layout `Encoders.from_pretrained` reads.
 
     Args:
         root: folder to create (or fill); existing files of the same names are overwritten.
-        seed: weights are a deterministic function of the seed; the global RNG is left untouched.
+        seed: random weights are a deterministic function of the seed; the global RNG is left untouched.
         text_dim: umT5 width, the `text_dim` the transformer's text embedding takes.
         image_dim: CLIP width, the `image_dim` the transformer's image embedding takes.
         image_size, patch_size: CLIP input size and patch; tokens = 1 + (image_size // patch_size) ** 2.
-        vae_base_dim: VAE base channel width (the real VAE uses 96).
+        vae: "random" (seeded random weights, Wan2.1 block layout) or "trained" (a copy of the shipped tiny VAE
+            trained on the synthetic domain; the same whatever the seed).
+        vae_base_dim: base channel width of a random VAE (the real VAE uses 96).
     Returns:
         `root` as a Path.
     """
+    check_vae_kind(vae)
     if text_dim % 4 or image_dim % 4:
         raise ValueError(f"text_dim={text_dim} and image_dim={image_dim} must be divisible by the 4 tiny heads")
     if image_size % patch_size:
@@ -143,9 +185,11 @@ def save_tiny_encoders(
     tokenizer = _build_tokenizer(model_max_length=512)
     with torch.random.fork_rng(devices=[]):  # seed locally; callers' RNG streams are unaffected
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16)  # real strides and block layout
-        _content_carrying_(vae)
-        _calibrate_latents_(vae)
+        random_vae = None
+        if vae == "random":
+            random_vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16)  # real strides and block layout
+            _content_carrying_(random_vae)
+            _calibrate_latents_(random_vae)
         text = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tokenizer),
@@ -173,7 +217,12 @@ def save_tiny_encoders(
                 projection_dim=image_dim,
             )
         )
-    vae.save_pretrained(root / "vae", safe_serialization=True)
+    if random_vae is not None:
+        random_vae.save_pretrained(root / "vae", safe_serialization=True)
+    else:
+        (root / "vae").mkdir(parents=True, exist_ok=True)
+        for name in _VAE_FILES:
+            shutil.copyfile(TRAINED_VAE_DIR / name, root / "vae" / name)
     text.save_pretrained(root / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(root / "tokenizer")
     image.save_pretrained(root / "image_encoder", safe_serialization=True)
@@ -194,25 +243,38 @@ def save_tiny_encoders(
     (root / "image_processor").mkdir(parents=True, exist_ok=True)
     (root / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     stamp = {"version": TINY_ENCODERS_VERSION, "seed": seed, "text_dim": text_dim, "image_dim": image_dim,
-             "image_size": image_size, "patch_size": patch_size, "vae_base_dim": vae_base_dim}  # fmt: skip
+             "image_size": image_size, "patch_size": patch_size, "vae": vae}  # fmt: skip
+    if vae == "random":
+        stamp["vae_base_dim"] = vae_base_dim
+    else:
+        stamp["vae_sha256"] = trained_vae_sha256()
     (root / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
     return root
 
 
-def ensure_tiny_encoders(root: str | Path, seed: int = 0) -> Path:
-    """Write tiny encoders (default dims) to `root` unless it already holds them; refuse a folder written by
-    another version or with another seed, since latents cached next to it would not match these encoders."""
+def ensure_tiny_encoders(root: str | Path, seed: int = 0, vae: str = "random") -> Path:
+    """Write tiny encoders (default dims, the ``vae`` kind of `save_tiny_encoders`) to `root` unless it already
+    holds them; refuse a folder written by another version, with another seed or another VAE (for the trained
+    one: other weights), since latents cached next to it would not match these encoders."""
+    check_vae_kind(vae)
     root = Path(root)
     if not (root / "vae" / "config.json").exists():
-        log.info("writing tiny random encoders to %s", root)
-        return save_tiny_encoders(root, seed=seed)
+        log.info("writing tiny encoders (%s VAE) to %s", vae, root)
+        return save_tiny_encoders(root, seed=seed, vae=vae)
     stamp = root / _STAMP
     recorded = json.loads(stamp.read_text()) if stamp.exists() else None
-    if not recorded or recorded.get("version") != TINY_ENCODERS_VERSION or recorded.get("seed") != seed:
-        found = f"version {recorded.get('version')}, seed {recorded.get('seed')}" if recorded else f"no {_STAMP}"
+    their_vae = recorded.get("vae", "random") if recorded else None
+    if not recorded or recorded.get("version") != TINY_ENCODERS_VERSION or recorded.get("seed") != seed or their_vae != vae:
+        found = f"version {recorded.get('version')}, seed {recorded.get('seed')}, {their_vae} VAE" if recorded else f"no {_STAMP}"
         raise ValueError(
             f"{root} holds tiny encoders of another kind ({found}; this version writes version "
-            f"{TINY_ENCODERS_VERSION}, seed {seed}), and data encoded with them would not match; delete "
+            f"{TINY_ENCODERS_VERSION}, seed {seed}, {vae} VAE), and data encoded with them would not match; delete "
             f"{root.parent} (it is regenerated on the next run) or point the data root elsewhere"
+        )
+    if vae == "trained" and recorded.get("vae_sha256") != trained_vae_sha256():
+        raise ValueError(
+            f"{root} holds a trained tiny VAE with other weights than the shipped {TRAINED_VAE_DIR} (written by "
+            f"another build of scail2), and data encoded with it would not match; delete {root.parent} (it is "
+            "regenerated on the next run) or point the data root elsewhere"
         )
     return root

@@ -4,7 +4,8 @@ use (`SyntheticDataModule` for pretraining, `SyntheticPreferenceDataModule` for 
 `SyntheticDataModule.prepare_data` (run once per node before training) writes, when absent,
 
     <root>/videos/    the procedurally drawn dataset (`scail2.data.synth`) and its manifest.jsonl
-    <root>/encoders/  tiny random VAE / umT5 / CLIP in the Wan2.1-I2V folder layout (`scail2.encoders.tiny`)
+    <root>/encoders/  tiny VAE / umT5 / CLIP in the Wan2.1-I2V folder layout (`scail2.encoders.tiny`): random
+                      umT5 / CLIP and, by ``vae``, the random VAE or the shipped one trained on this domain
     <root>/cache/     the latent cache of the videos through those encoders (`scail2.data.cache`)
 
 and training reads the cache like any other (`MotionDataModule`). Everything is a function of the seeds, so
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 SYNTHETIC_WEIGHTS: dict[str, float] = {"animation": 0.6, "replacement": 0.2, "pose": 0.2}
 
 
-def _videos_and_encoders(root: Path, synth: Any, encoders_seed: int) -> Path:
+def _videos_and_encoders(root: Path, synth: Any, encoders_seed: int, vae: str) -> Path:
     """``<root>/videos``: the synthetic videos of ``synth`` (`SynthOptions`), and ``<root>/encoders``: the tiny
-    encoders of ``encoders_seed``, each written when absent. Returns the videos' manifest."""
+    encoders of ``encoders_seed`` with the ``vae`` kind, each written when absent. Returns the videos' manifest."""
     from scail2.data.synth import SYNTH_STAMP, ensure_dataset
     from scail2.encoders.tiny import ensure_tiny_encoders
 
@@ -37,7 +38,7 @@ def _videos_and_encoders(root: Path, synth: Any, encoders_seed: int) -> Path:
     if not (videos / SYNTH_STAMP).exists():
         log.info("writing %d synthetic videos to %s", synth.pairs, videos)
     manifest = ensure_dataset(videos, synth)  # refuses videos drawn by another version or with other settings
-    ensure_tiny_encoders(root / "encoders", seed=encoders_seed)
+    ensure_tiny_encoders(root / "encoders", seed=encoders_seed, vae=vae)
     return manifest
 
 
@@ -49,6 +50,9 @@ class SyntheticDataModule(MotionDataModule):
         pairs, frames, height, width, data_seed: the synthetic dataset (`SynthOptions`); frames 4k+1, sizes
             multiples of 32.
         encoders_seed: seed of the tiny random encoders.
+        vae: "random" (seeded random tiny VAE: fast, decoded samples are not pictures) or "trained" (the tiny VAE
+            shipped in ``scail2/encoders/tiny_vae/``, trained on this synthetic domain: decoded samples are
+            pictures); `scail2.encoders.tiny.VAE_KINDS`.
         batch_size, num_workers, samples_per_epoch, seed: as `MotionDataModule`.
         weights: sampling weights per source class (default: the paper's mix).
     """
@@ -62,6 +66,7 @@ class SyntheticDataModule(MotionDataModule):
         width: int = 64,
         data_seed: int = 0,
         encoders_seed: int = 0,
+        vae: str = "random",
         batch_size: int = 4,
         num_workers: int = 0,
         samples_per_epoch: int | None = None,
@@ -80,12 +85,16 @@ class SyntheticDataModule(MotionDataModule):
         from scail2.data.synth import SynthOptions
 
         self.synth = SynthOptions(pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed)
+        from scail2.encoders.tiny import check_vae_kind
+
+        check_vae_kind(vae)
         self.encoders_seed = encoders_seed
+        self.vae = vae
         self.encoders_dir = self.root / "encoders"
 
     def prepare_data(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed)
+        manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed, self.vae)
         if not self._cache_complete(manifest):
             self._build_cache(manifest)
 
@@ -150,6 +159,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
         weak_pose_noise: keyword arguments of `NoisyPoses` (P'): jitter, hand_jitter, confusion_p, hand_drop_p.
         hand_size: hand radius of the generated characters (`SyntheticReferences`; None: as the motion data).
         encoders_seed: seed of the tiny random encoders.
+        vae: the tiny VAE kind, as `SyntheticDataModule` ("random" or "trained").
         batch_size, num_workers, samples_per_epoch, seed: as `PreferenceDataModule`.
     """
 
@@ -168,6 +178,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
         weak_pose_noise: dict[str, float] | None = None,
         hand_size: float | None = None,
         encoders_seed: int = 0,
+        vae: str = "random",
         batch_size: int = 2,
         num_workers: int = 0,
         samples_per_epoch: int | None = None,
@@ -197,7 +208,11 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
         self.build_seed = build_seed
         self.weak_pose_noise = dict(weak_pose_noise) if weak_pose_noise is not None else {}
         self.hand_size = hand_size
+        from scail2.encoders.tiny import check_vae_kind
+
+        check_vae_kind(vae)
         self.encoders_seed = encoders_seed
+        self.vae = vae
         self.encoders_dir = self.root / "encoders"
         self.heldout_cache_dir = self.root / "heldout" / "cache"
 
@@ -222,7 +237,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
             "data_seed": self.synth.seed, "heldout_videos": self.heldout_videos, "pairs": self.pairs,
             "heldout_pairs": self.heldout_pairs, "build_seed": self.build_seed,
             "weak_pose_noise": dict(sorted(self.weak_pose_noise.items())), "hand_size": self.hand_size,
-            "encoders_seed": self.encoders_seed,
+            "encoders_seed": self.encoders_seed, "vae": self.vae,
         }  # fmt: skip
 
     def _check_settings(self) -> None:
@@ -231,6 +246,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
         ours = self.settings()
         if path.exists():
             theirs = json.loads(path.read_text())
+            theirs.setdefault("vae", "random")  # recorded since the trained tiny VAE exists; before, always random
             differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             if differ:
                 detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
@@ -249,7 +265,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
 
     def prepare_data(self) -> None:
         self._check_settings()
-        manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed)
+        manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed, self.vae)
         videos = manifest.parent
         lines = [line for line in manifest.read_text().splitlines(keepends=True) if line.strip()]
         split = len(lines) - self.heldout_videos

@@ -69,7 +69,7 @@ def test_job_errors_are_one_line_with_the_fix(tmp_path):
     import json
 
     # Tiny encoders of another kind where the data module will look for its own.
-    stale = tmp_path / "data" / "synthetic-2p-5x32x32-s0" / "encoders"
+    stale = tmp_path / "data" / "synthetic-2p-5x32x32-s0-random" / "encoders"
     (stale / "vae").mkdir(parents=True)
     (stale / "vae" / "config.json").write_text("{}")
     (stale / "tiny_encoders.json").write_text(json.dumps({"version": 0, "seed": 0}))

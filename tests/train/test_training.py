@@ -125,8 +125,8 @@ def test_mlflow_run_checkpoints_and_media(data_root, tmp_path, mlflow_uri):
         "callbacks.checkpoint.every_n_train_steps=2",
         "module.validation.num_samples=2",
         "module.validation.num_inference_steps=2",
-        f"module.validation.vae={data_root}/synthetic-6p-9x32x32-s0/encoders",
-        f"export.encoders={data_root}/synthetic-6p-9x32x32-s0/encoders",
+        f"module.validation.vae={data_root}/synthetic-6p-9x32x32-s0-random/encoders",
+        f"export.encoders={data_root}/synthetic-6p-9x32x32-s0-random/encoders",
         "module.validation.every_n_steps=100",
         f"logger.tracking_uri={mlflow_uri}",
     )
