@@ -77,7 +77,7 @@ def test_job_errors_are_one_line_with_the_fix(tmp_path):
     for argv, message in (
         (["experiment=pretrain_wan14b"], "error: required config values are not set: ['data.cache_dir', 'module.init_from']"),
         (["experiment=demo", "+module.nonfinit=skip"], "error: config `module.nonfinit`: scail2.lit.pretrain.PretrainModule has no parameter `nonfinit`; did you mean `nonfinite`?"),
-        (["experiment=demo", *small], f"error: {stale} holds tiny encoders of another kind (version 0, seed 0;"),
+        (["experiment=demo", *small], f"error: {stale} holds tiny encoders of another kind (version 0, seed 0, random VAE;"),
     ):  # fmt: skip
         proc = _run([f"paths.output_root={tmp_path}", "print_config=false", *argv], tmp_path)
         assert proc.returncode == 2, proc.stderr[-3000:]
