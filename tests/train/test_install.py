@@ -57,6 +57,11 @@ def test_the_wheel_carries_the_configs_and_runs_a_demo(installed, data_root, tmp
     assert conf.is_relative_to(module.parents[1]) and (conf / "train.yaml").is_file()
     assert (experiments / "demo.yaml").is_file()
     assert (conf / "components" / "prepare" / "synthetic.yaml").is_file()  # scail2-data's components presets
+    # The trained tiny VAE (package data) loads from the wheel: data.vae=trained works installed.
+    vae = _run([str(bin_dir / "python"), "-c", "from scail2.encoders.tiny import TRAINED_VAE_DIR, trained_tiny_vae; print(TRAINED_VAE_DIR); print(sum(p.numel() for p in trained_tiny_vae().parameters()))"], tmp_path, env)  # fmt: skip
+    assert vae.returncode == 0, vae.stderr[-3000:]
+    vae_dir, parameters = vae.stdout.split()[-2:]
+    assert Path(vae_dir).is_relative_to(module.parents[1]) and int(parameters) > 10**6
 
     out = tmp_path / "outputs"
     proc = _run([str(bin_dir / "scail2-train"), *train_overrides(data_root, out, "trainer.max_steps=2", "optim.scheduler.warmup_steps=1")], tmp_path, env)
