@@ -26,6 +26,7 @@ from scail2.data.buckets import Bucket
 from scail2.data.manifest import MotionRecord
 from scail2.data.transforms import (
     TRAIN_FPS,
+    CropBox,
     clip_indices,
     content_centre,
     cover_box,
@@ -273,6 +274,89 @@ def mask_fill(mode: str) -> tuple[int, int, int]:
     return _BLACK if mode == "animation" else _WHITE
 
 
+def _file_roles(record: MotionRecord, forward: bool) -> tuple[tuple[str, str], tuple[str | None, str], dict[str, tuple]]:
+    """Which files play target, reference-mask video and drivings: (target path, field), (mask video, field),
+    {driving name: (video, field, mask, mask field)}. A forward sample swaps the two videos: the synthetic video
+    becomes the target and the real one (with its mask) drives."""
+    if forward:
+        return (record.driving, "driving"), (record.driving_mask, "driving_mask"), {
+            "driving": (record.target, "target", record.target_mask, "target_mask")
+        }
+    return (record.target, "target"), (record.target_mask, "target_mask"), {
+        "driving": (record.driving, "driving", record.driving_mask, "driving_mask"),
+        "driving_aug": (record.driving_aug, "driving_aug", record.driving_mask_aug, "driving_mask_aug"),
+    }
+
+
+def _reference(
+    io: VideoReads, record: MotionRecord, choices: PixelChoices, frames: torch.Tensor, ref_index: int | None,
+    tbox: CropBox, size: tuple[int, int], target_field: str, mask_video: tuple[str | None, str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference image and its mask at ``size``: a frame of the target clip's video (decoded with the clip, the
+    last of ``frames``) with its mask from the mask video or the record's reference mask, or the record's own
+    reference image."""
+    th, tw = frames.shape[-2:]
+    if ref_index is not None:
+        reference = crop_resize(frames[-1:], tbox, size)[0]
+        if choices.reference_frame is not None:
+            ref_mask_video, ref_mask_field = mask_video
+            ref_mask_src = io.read(io.open(ref_mask_video, ref_mask_field), [ref_index], ref_mask_field)
+            check_same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), ref_mask_field, target_field)
+            # A frame of a video's mask is drawn on the driving side's background: redraw it on the
+            # reference side's (animation: black -> white; replacement: white -> black).
+            ref_mask_src = video_mask_to_reference(ref_mask_src, record.mode)
+        else:
+            ref_mask_src = io.image(record.reference_mask, "reference_mask")[None]
+            check_same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), "reference_mask", "the target")
+        return reference, crop_resize(ref_mask_src, tbox, size, mode="nearest")[0]
+    image = io.image(record.reference, "reference")
+    rbox = cover_box(image.shape[-2], image.shape[-1], *size)
+    ref_mask_src = io.image(record.reference_mask, "reference_mask")
+    check_same_size(tuple(ref_mask_src.shape[-2:]), tuple(image.shape[-2:]), "reference_mask", "the reference image")
+    return crop_resize(image[None], rbox, size)[0], crop_resize(ref_mask_src[None], rbox, size, mode="nearest")[0]
+
+
+def _driving(
+    io: VideoReads, files: tuple, indices: list[int], choices: PixelChoices, size: tuple[int, int], fill: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One driving video and its mask at ``size`` (cover crop, then the choices' crop and skeleton scale)."""
+    video_path, video_field, mask_path, mask_field = files
+    video = io.read(io.open(video_path, video_field), indices, video_field)
+    dh, dw = video.shape[-2:]
+    dbox = cover_box(dh, dw, *size)
+    if choices.crop is not None:
+        dbox = dbox.inner(*choices.crop)
+    if choices.skeleton_scale is not None:
+        centre = content_centre(video)  # the rendered character(s): non-black pixels
+        cy, cx = centre if centre is not None else (dh / 2, dw / 2)
+        dbox = dbox.scaled_about(choices.skeleton_scale, cy, cx)
+    mask = io.read(io.open(mask_path, mask_field), indices, mask_field)
+    check_same_size(tuple(mask.shape[-2:]), (dh, dw), mask_field, video_field)
+    return crop_resize(video, dbox, size), crop_resize(mask, dbox, size, mode="nearest", fill=fill)
+
+
+def _regions(
+    io: VideoReads, record: MotionRecord, indices: list[int], n: int, target_hw: tuple[int, int], tbox: CropBox,
+    size: tuple[int, int],
+) -> dict[str, torch.Tensor]:
+    """The record's hand / face / OCR regions of the clip at ``size``: from mask videos or per-frame boxes."""
+    regions: dict[str, torch.Tensor] = {}
+    for name in REGION_NAMES:
+        spec = getattr(record, name)
+        if spec is None:
+            continue
+        if spec.video is not None:
+            region = io.read(io.open(spec.video, name), indices, name)
+            check_same_size(tuple(region.shape[-2:]), target_hw, name, "the target")
+            regions[name] = threshold_region(crop_resize(region, tbox, size, mode="nearest"))
+        else:
+            track = spec.boxes or []
+            if len(track) < n:
+                raise SampleError("mismatch", name, f"has boxes for {len(track)} frames; the target has {n}")
+            regions[name] = rasterize_boxes([transform_boxes(np.asarray(track[i]), tbox, size) for i in indices], size)
+    return regions
+
+
 def load_pixel_sample(
     record: MotionRecord,
     bucket: Bucket,
@@ -284,19 +368,7 @@ def load_pixel_sample(
     ``driving_aug``); a forward sample only has ``driving`` (the real video). Raises `SampleError`.
     """
     size = (bucket.height, bucket.width)
-    driving_fill = mask_fill(record.mode)
-    if choices.forward:
-        # The synthetic video becomes the target; the real video (with its mask) drives.
-        target_path, target_field = record.driving, "driving"
-        ref_mask_video, ref_mask_field = record.driving_mask, "driving_mask"
-        driving_files = {"driving": (record.target, "target", record.target_mask, "target_mask")}
-    else:
-        target_path, target_field = record.target, "target"
-        ref_mask_video, ref_mask_field = record.target_mask, "target_mask"
-        driving_files = {
-            "driving": (record.driving, "driving", record.driving_mask, "driving_mask"),
-            "driving_aug": (record.driving_aug, "driving_aug", record.driving_mask_aug, "driving_mask_aug"),
-        }
+    (target_path, target_field), mask_video, driving_files = _file_roles(record, choices.forward)
     wanted = [d for d in drivings if d in driving_files and driving_files[d][0] is not None]
     if not wanted:
         raise ValueError(f"record {record.id}: none of the driving signals {list(drivings)} exists")
@@ -320,59 +392,10 @@ def load_pixel_sample(
         th, tw = frames.shape[-2:]
         tbox = cover_box(th, tw, *size)
         target = crop_resize(frames[: len(indices)], tbox, size)
-
-        if ref_index is not None:
-            reference = crop_resize(frames[-1:], tbox, size)[0]
-            if choices.reference_frame is not None:
-                mask_reader = io.open(ref_mask_video, ref_mask_field)
-                ref_mask_src = io.read(mask_reader, [ref_index], ref_mask_field)
-                check_same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), ref_mask_field, target_field)
-                # A frame of a video's mask is drawn on the driving side's background: redraw it on the
-                # reference side's (animation: black -> white; replacement: white -> black).
-                ref_mask_src = video_mask_to_reference(ref_mask_src, record.mode)
-            else:
-                ref_mask_src = io.image(record.reference_mask, "reference_mask")[None]
-                check_same_size(tuple(ref_mask_src.shape[-2:]), (th, tw), "reference_mask", "the target")
-            reference_mask = crop_resize(ref_mask_src, tbox, size, mode="nearest")[0]
-        else:
-            image = io.image(record.reference, "reference")
-            rbox = cover_box(image.shape[-2], image.shape[-1], *size)
-            ref_mask_src = io.image(record.reference_mask, "reference_mask")
-            check_same_size(tuple(ref_mask_src.shape[-2:]), tuple(image.shape[-2:]), "reference_mask", "the reference image")
-            reference = crop_resize(image[None], rbox, size)[0]
-            reference_mask = crop_resize(ref_mask_src[None], rbox, size, mode="nearest")[0]
-
-        loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name in wanted:
-            video_path, video_field, mask_path, mask_field = driving_files[name]
-            reader = io.open(video_path, video_field)
-            video = io.read(reader, indices, video_field)
-            dh, dw = video.shape[-2:]
-            dbox = cover_box(dh, dw, *size)
-            if choices.crop is not None:
-                dbox = dbox.inner(*choices.crop)
-            if choices.skeleton_scale is not None:
-                centre = content_centre(video)  # the rendered character(s): non-black pixels
-                cy, cx = centre if centre is not None else (dh / 2, dw / 2)
-                dbox = dbox.scaled_about(choices.skeleton_scale, cy, cx)
-            mask = io.read(io.open(mask_path, mask_field), indices, mask_field)
-            check_same_size(tuple(mask.shape[-2:]), (dh, dw), mask_field, video_field)
-            loaded[name] = (crop_resize(video, dbox, size), crop_resize(mask, dbox, size, mode="nearest", fill=driving_fill))
-
-        regions: dict[str, torch.Tensor] = {}
-        for name in REGION_NAMES:
-            spec = getattr(record, name)
-            if spec is None:
-                continue
-            if spec.video is not None:
-                region = io.read(io.open(spec.video, name), indices, name)
-                check_same_size(tuple(region.shape[-2:]), (th, tw), name, "the target")
-                regions[name] = threshold_region(crop_resize(region, tbox, size, mode="nearest"))
-            else:
-                track = spec.boxes or []
-                if len(track) < n:
-                    raise SampleError("mismatch", name, f"has boxes for {len(track)} frames; the target has {n}")
-                regions[name] = rasterize_boxes([transform_boxes(np.asarray(track[i]), tbox, size) for i in indices], size)
+        reference, reference_mask = _reference(io, record, choices, frames, ref_index, tbox, size, target_field, mask_video)
+        fill = mask_fill(record.mode)
+        loaded = {name: _driving(io, driving_files[name], indices, choices, size, fill) for name in wanted}
+        regions = _regions(io, record, indices, n, (th, tw), tbox, size)
 
     return PixelSample(
         id=record.id,
