@@ -12,6 +12,7 @@ import torch
 
 from scail2.encoders.tiny import TRAINED_VAE_DIR, ensure_tiny_encoders, save_tiny_encoders, trained_tiny_vae, trained_vae_sha256
 from scail2.encoders.tiny_vae_training import TrainSettings, train, vae_config
+from scail2.conditioning.pixels import to_unit
 from scail2.encoders.vae import WanVAE
 
 from .data.helpers import torch_threads
@@ -49,7 +50,7 @@ def test_trained_vae_reconstructs_heldout_synthetic_videos(heldout_videos: list[
     seeds = [s[3] for key in ("train_sets", "heldout_sets") for s in json.loads((TRAINED_VAE_DIR / "training.json").read_text())["settings"][key]]
     assert HELDOUT_SEED not in seeds  # really held out
     vae = WanVAE.from_pretrained(TRAINED_VAE_DIR)  # the library's loader: normalised latents in, pixels out
-    video = torch.stack(heldout_videos).float().div(127.5).sub(1).transpose(1, 2)  # (N, 3, 9, 128, 128)
+    video = to_unit(torch.stack(heldout_videos)).transpose(1, 2)  # (N, 3, 9, 128, 128)
     latents = vae.encode(video)
     assert latents.shape == (len(heldout_videos), 16, 3, 16, 16)
     # The per-channel statistics normalise held-out latents too (about zero mean, unit variance per channel).

@@ -138,13 +138,14 @@ def _probe_videos(count: int = 4, frames: int = 5, size: int = 64) -> torch.Tens
     return (0.7 * video + 0.3 * detail).clamp(-1, 1).view(count, 3, frames, size, size)
 
 
-def _calibrate_latents_(vae) -> None:
-    """Set the VAE config's per-channel ``latents_mean`` / ``latents_std`` to those of its posterior means on
-    `_probe_videos` (the real VAE ships statistics measured on real videos)."""
+def calibrate_latents_(vae, videos) -> None:
+    """Set the VAE config's per-channel ``latents_mean`` / ``latents_std`` to those of its posterior means of
+    ``videos`` (an iterable of (B, 3, F, H, W) tensors in [-1, 1], of any sizes), as the real VAE ships statistics
+    measured on real videos."""
     with torch.no_grad():
-        z = vae.eval().encode(_probe_videos()).latent_dist.mode()  # (N, 16, T, h, w)
-    mean = z.mean(dim=(0, 2, 3, 4))
-    std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
+        zs = [vae.eval().encode(v).latent_dist.mode().transpose(0, 1).flatten(1) for v in videos]  # (16, N) each
+    z = torch.cat(zs, dim=1)
+    mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-6)
     vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
 
 
@@ -189,7 +190,7 @@ def save_tiny_encoders(
         if vae == "random":
             random_vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16)  # real strides and block layout
             _content_carrying_(random_vae)
-            _calibrate_latents_(random_vae)
+            calibrate_latents_(random_vae, [_probe_videos()])  # seeded probe videos
         text = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tokenizer),

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scail2.conditioning.pixels import to_unit
+
 log = logging.getLogger(__name__)
 
 # Where the shipped weights live (package data).
@@ -136,9 +138,9 @@ def synthetic_videos(root: Path, sets: tuple[DataSet, ...]) -> list[torch.Tensor
     return videos
 
 
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
+def _whole_latent_frames(video: torch.Tensor) -> torch.Tensor:
+    """The first 4k + 1 frames of a (F, ...) video (all of them when F = 4k + 1; an image stays 1 frame)."""
+    return video[: video.shape[0] - (video.shape[0] - 1) % 4]
 
 
 def random_crops(videos: list[torch.Tensor], settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
@@ -157,7 +159,7 @@ def random_crops(videos: list[torch.Tensor], settings: TrainSettings, gen: torch
         if bool(torch.randint(2, (1,), generator=gen)):
             clip = clip.flip(-1)
         clips.append(clip.permute(1, 0, 2, 3))  # (3, F, crop, crop)
-    return _to_unit(torch.stack(clips))
+    return to_unit(torch.stack(clips))
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -184,7 +186,7 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
 def reconstruct(vae, video: torch.Tensor) -> torch.Tensor:
     """The posterior-mean reconstruction of a uint8 (F, 3, H, W) video (F = 4k + 1, or 1), as float (F, 3, H, W)
     in [0, 1]."""
-    x = _to_unit(video).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    x = to_unit(video).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     return (y[0].transpose(0, 1) + 1) / 2
 
@@ -200,27 +202,21 @@ def reconstruction_psnr(vae, videos: list[torch.Tensor]) -> dict[str, float]:
     vae.eval()
     overall, first, later = [], [], []
     for v in videos:
-        frames = v.shape[0] - (v.shape[0] - 1) % 4
-        values = psnr(reconstruct(vae, v[:frames])[None], (v[:frames].float() / 255)[None]).per_frame[0]
+        v = _whole_latent_frames(v)
+        values = psnr(reconstruct(vae, v)[None], (v.float() / 255)[None]).per_frame[0]
         overall.append(float(values.mean()))
         first.append(float(values[0]))
         later.extend(float(x) for x in values[1:])
     return {"overall": float(np.mean(overall)), "first_frame": float(np.mean(first)), "later_frames": float(np.mean(later))}
 
 
-@torch.no_grad()
 def calibrate_latents_(vae, videos: list[torch.Tensor], max_videos: int = 96) -> None:
-    """Set ``latents_mean`` / ``latents_std`` of the config to the statistics of posterior means of ``videos``."""
-    vae.eval()
-    zs = []
-    for v in videos[:: max(1, len(videos) // max_videos)]:
-        frames = v.shape[0] - (v.shape[0] - 1) % 4
-        z = vae.encode(_to_unit(v[:frames]).permute(1, 0, 2, 3)[None]).latent_dist.mode()  # (1, 16, T, h, w)
-        zs.append(z.permute(1, 0, 2, 3, 4).flatten(1))  # (16, N)
-    z = torch.cat(zs, dim=1)
-    vae.register_to_config(
-        latents_mean=[float(v) for v in z.mean(dim=1)], latents_std=[float(v) for v in z.std(dim=1).clamp_min(1e-6)]
-    )
+    """Set ``latents_mean`` / ``latents_std`` of the config to the statistics of posterior means of (up to
+    ``max_videos``, evenly spaced) ``videos``."""
+    from scail2.encoders.tiny import calibrate_latents_ as calibrate
+
+    chosen = videos[:: max(1, len(videos) // max_videos)]
+    calibrate(vae, (to_unit(_whole_latent_frames(v)).permute(1, 0, 2, 3)[None] for v in chosen))
 
 
 def lr_at(settings: TrainSettings, step: int) -> float:
