@@ -19,13 +19,14 @@ writing a checkpoint (the message says how to resume); 1 any other failure.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -342,8 +343,24 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = (), datamodule: Any 
     threads = cfg.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads={threads!r}: need a positive number of torch threads, or null for the default")
-    with cpu_numerics(threads, cfg.flush_denormal or None):
+    with cpu_numerics(threads, cfg.flush_denormal or None), _own_process_group():
         return _train(cfg, extra_callbacks, datamodule)
+
+
+@contextlib.contextmanager
+def _own_process_group() -> Iterator[None]:
+    """Destroy the process group that the strategy created during this run, once the run is over.
+
+    Lightning starts ``torch.distributed`` for a multi-process strategy and leaves it running. A process that exits
+    with a gloo group still alive can abort while the interpreter shuts down (its worker threads still hold tensors),
+    so the run that made the group ends it. A group that existed before the run belongs to the caller and is kept.
+    """
+    import torch.distributed as dist
+
+    existed = dist.is_available() and dist.is_initialized()
+    yield  # a failed run leaves the group alone: a peer may still be inside a collective with it
+    if not existed and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> TrainResult:

@@ -81,6 +81,10 @@ def main() -> None:
         *args.override,
     )
     train(cfg, [WeightDigest(args.out)])
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the run created the group, so the run must end it (or the exit can abort)
+        raise SystemExit("train() returned with its process group still alive")
 
 
 if __name__ == "__main__":
