@@ -511,8 +511,15 @@ def summary(result: TrainResult) -> str:
         first, final = result.heldout[0], result.heldout[-1]
         lines.append(f"Preference pairs (held-out; trainpairs: seen in training), fixed draws, step {first['step']:.0f} -> step {final['step']:.0f}:")
         for key in first:
-            if key != "step" and key in final:
-                better = "lower is better" if key.endswith("dpo_loss") else "higher is better"
+            if key == "step" or key not in final or key.endswith("_se"):
+                continue
+            better = "lower is better" if key.endswith("dpo_loss") else "higher is better"
+            se = f"{key}_se"
+            if se in first and se in final:  # the implicit accuracy, with its standard error over pairs
+                acc, err = final[key], final[se]
+                verdict = "above 0.5 by > 2 SE" if acc - 0.5 > 2 * err else "not above 0.5 by > 2 SE"
+                lines.append(f"  {key:<30} {first[key]:10.4f} -> {acc:10.4f} +- {err:.4f}   ({better}; {verdict})")
+            else:
                 lines.append(f"  {key:<30} {first[key]:10.4f} -> {final[key]:10.4f}   ({better})")
     lines.append("Outputs:")
     lines.append(f"  run folder      {result.run_dir}")

@@ -8,6 +8,10 @@ and, with ``heldout.training_pairs``, as many pairs of the training data module 
 optimisation itself works). It measures before training (step 0 of a fresh run), every
 ``heldout.every_n_steps`` optimizer steps and after training, each pair under ``heldout.draws`` fixed noise /
 timestep draws (the same ones at every evaluation).
+
+The implicit accuracy is reported with its standard error over pairs (``<set>/implicit_accuracy_se``): each
+pair's accuracy is averaged over its draws, and the error is the sample standard deviation of these per-pair
+values over sqrt(pairs). Pairs, not draws, are the independent units: the draws of one pair share its content.
 """
 
 from __future__ import annotations
@@ -122,15 +126,32 @@ class HeldOutPreferences(Evaluation):
         h = self.cfg
         metrics: dict[str, float] = {}
         for name, batches in sets.items():
-            acc, loss, margin, n = 0.0, 0.0, 0.0, 0
+            per_pair: list[torch.Tensor] = []  # (B,) per batch: each pair's accuracy averaged over the draws
+            loss, margin, n = 0.0, 0.0, 0
             for i, batch in enumerate(batches):
                 batch = batch.to(pl_module.device)
+                acc = torch.zeros(batch.batch_size, dtype=torch.float64)
                 for d in range(h.draws):
                     out = pl_module.preference_loss(batch, torch.Generator().manual_seed(h.seed + 100_003 * d + i))
                     b = batch.batch_size
-                    acc += float(out.implicit_accuracy) * b
+                    acc += out.pair_accuracy.detach().double().cpu()
                     loss += float(out.dpo_loss) * b
                     margin += float(out.reward_margin) * b
                     n += b
-            metrics.update({f"{name}/implicit_accuracy": acc / n, f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n})
+                per_pair.append(acc / h.draws)
+            accuracy, se = mean_and_se(torch.cat(per_pair))
+            metrics.update({
+                f"{name}/implicit_accuracy": accuracy, f"{name}/implicit_accuracy_se": se,
+                f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n,
+            })  # fmt: skip
         return metrics
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-pair values (n,) and its standard error over the pairs, sd / sqrt(n) with the sample
+    standard deviation (n - 1 in its denominator); the error is NaN for a single pair."""
+    v = values.double().flatten()
+    if v.numel() == 0:
+        raise ValueError("mean_and_se needs at least one value")
+    se = float(v.std(unbiased=True) / v.numel() ** 0.5) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se
