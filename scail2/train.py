@@ -64,6 +64,7 @@ class TrainResult:
     global_step: int
     validation: list[Any] = field(default_factory=list)  # scail2.lit.validation.ValidationResult
     heldout: list[dict[str, float]] = field(default_factory=list)  # DPO: held-out pair metrics ("step" + values)
+    reports: list[str] = field(default_factory=list)  # end-of-run lines of callbacks with `summary_lines()`
     network_dir: Path | None = None  # the exported network: export_dir, or its merged/ for a LoRA export
     lora_dir: Path | None = None  # DPO: the adapters (peft layout)
     start_step: int = 0  # the step training started from (the checkpoint's, when resumed)
@@ -458,6 +459,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
         mark_finished(export.network_dir)
     last = Path(checkpoint_cb.last_model_path) if checkpoint_cb is not None and checkpoint_cb.last_model_path else None
     heldout = evaluation_history(trainer, HeldOutPreferences)
+    reporting = [cb for cb in trainer.callbacks if callable(getattr(cb, "summary_lines", None))]
     validation = evaluation_history(trainer, SampleValidation)
     if is_zero and logger is not None:
         histories = {
@@ -478,6 +480,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
         global_step=trainer.global_step,
         validation=validation,
         heldout=heldout,
+        reports=[line for cb in reporting for line in cb.summary_lines()],
         network_dir=export.network_dir if export is not None else None,
         lora_dir=export.lora_dir if export is not None else None,
         start_step=start_step,
@@ -521,6 +524,7 @@ def summary(result: TrainResult) -> str:
                 lines.append(f"  {key:<30} {first[key]:10.4f} -> {acc:10.4f} +- {err:.4f}   ({better}; {verdict})")
             else:
                 lines.append(f"  {key:<30} {first[key]:10.4f} -> {final[key]:10.4f}   ({better})")
+    lines.extend(result.reports)
     lines.append("Outputs:")
     lines.append(f"  run folder      {result.run_dir}")
     if result.tracking_uri:
