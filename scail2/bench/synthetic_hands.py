@@ -221,6 +221,30 @@ def sample_pairs(net: torch.nn.Module, batches: Sequence[Any], config: HandBench
     return out
 
 
+@torch.no_grad()
+def implicit_accuracies(
+    net: torch.nn.Module, reference: torch.nn.Module, batches: Sequence[Any], draws: int = 4, seed: int = 4321
+) -> dict[str, float]:
+    """id -> the pair's implicit accuracy of ``net`` against ``reference`` (the pre-DPO network), averaged over
+    ``draws`` noise / timestep draws: batch i, draw d uses seed + 100_003 * d + i, as
+    `scail2.lit.heldout.HeldOutPreferences` (the same pairs in the same batches give its figures). The accuracy
+    does not depend on beta (only the sign of the preference logits counts)."""
+    from scail2.objectives.dpo import DPOConfig, dpo_loss, model_velocity
+
+    if draws < 1:
+        raise ValueError(f"draws is {draws}; need at least 1")
+    out: dict[str, float] = {}
+    ref = model_velocity(reference)
+    for i, batch in enumerate(batches):
+        acc = torch.zeros(batch.batch_size, dtype=torch.float64)
+        for d in range(draws):
+            res = dpo_loss(net, batch, torch.Generator().manual_seed(seed + 100_003 * d + i), DPOConfig(), reference=ref)
+            acc += res.pair_accuracy.double().cpu()
+        for pid, a in zip(batch.winner.meta["ids"], (acc / draws).tolist()):
+            out[pid] = a
+    return out
+
+
 def heldout_batches(cache_dir: str | Path, num_pairs: int | None, batch_size: int, seed: int) -> list[Any]:
     """The held-out pairs of a preference cache as fixed `PreferenceBatch` batches (``num_pairs`` chosen by
     ``seed``; None: all), as `scail2.lit.heldout.HeldOutPreferences` reads them."""
