@@ -175,3 +175,21 @@ def test_runner_writes_its_result_file(tmp_path, monkeypatch):
     assert out["hands"]["pairs"] == 4 and "base - dpo" in out["hands"]["comparisons"]["latent_hand_error"]
     assert out["implicit_accuracy"]["networks"]["dpo"]["n"] == 4
     assert {"command", "machine", "versions", "settings", "networks"} <= set(out)
+
+
+def test_heldout_hands_callback_refuses_what_it_cannot_measure(tmp_path):
+    from types import SimpleNamespace
+
+    from scail2.lit.heldout import HeldOutHands
+
+    with pytest.raises(ValueError, match=r"compare names \['base'\]"):
+        HeldOutHands(str(tmp_path), compare={"base": str(tmp_path)})
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        HeldOutHands(str(tmp_path), num_pairs=1)
+    cb = HeldOutHands(str(tmp_path))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(root=tmp_path), fast_dev_run=False, world_size=1)
+    with pytest.raises(ValueError, match="has no heldout_cache_dir .*data=synthetic_preference"):
+        cb.run(trainer, SimpleNamespace())
+    many = SimpleNamespace(fast_dev_run=False, world_size=2, global_rank=1)
+    cb.on_train_end(many, SimpleNamespace())
+    assert cb.results is None and cb.summary_lines() == ["Held-out preference pairs: hands not run: it samples in one process, and this run has 2."]
