@@ -289,6 +289,12 @@ def score_hands(
         return _to_unit(vae.decode(z[None].to(vae.device))[0])
 
     cover = {pid: by_id[pid].latent_discs() for pid in ids}
+    for pid in ids:
+        if tuple(cover[pid].shape[1:]) != tuple(truth[pid].shape[1:]):
+            raise ValueError(
+                f"pair {pid}: its video gives a {tuple(cover[pid].shape[1:])} latent grid but its cached latents are "
+                f"{tuple(truth[pid].shape[1:])}; the benchmark needs caches of whole videos (synthetic pairs are)"
+            )
     per: dict[str, list[dict[str, float]]] = {}
     for name, got in {**samples, "dispreferred": losers}.items():
         rows = []
