@@ -44,16 +44,18 @@ def test_hand_discs_exact():
 
 def test_hand_radii_from_boxes_drawn_about_the_true_joints_clipped_or_not():
     h = w = 32
-    hands = np.array([[[[10.3, 12.0]], [[31.2, 1.0]]], [[[20.0, 20.0]], [[5.0, 25.5]]]])  # (K=2, 2 hands, F=1, 2)
+    # (K=2, 2 hands, F=1, 2); the second character's right hand is just outside the frame, left of it
+    hands = np.array([[[[10.3, 12.0]], [[31.2, 1.0]]], [[[20.0, 20.0]], [[-0.5, 25.5]]]])
     r = (2.4, 1.7)
     boxes = [[joint_box(hands[k, s, 0], r[k], h, w) for k in range(2) for s in range(2)]]
     assert boxes[0][1][2] == 32.0  # the second hand's box is clipped at the right edge (and the top)
-    assert hand_radii(hands, boxes) == pytest.approx(r, abs=0.011)
-    wrong = hands + 6.0  # joints of another video: the boxes hold none of them
-    with pytest.raises(ValueError, match="holds no true hand joint"):
-        hand_radii(wrong, boxes)
+    assert boxes[0][3][0] == 0.0 and boxes[0][3][2] == 1.2  # the outside hand's box: a sliver inside
+    assert hand_radii(hands, boxes, h, w) == pytest.approx(r, abs=0.011)
+    wrong = hands + 6.0  # joints of another video: no box was drawn about them
+    with pytest.raises(ValueError, match="was drawn about no true hand joint"):
+        hand_radii(wrong, boxes, h, w)
     with pytest.raises(ValueError, match="no hand box for character"):
-        hand_radii(hands, [boxes[0][:2]])
+        hand_radii(hands, [boxes[0][:2]], h, w)
 
 
 def test_true_hands_match_the_winners_of_the_heldout_pairs_and_a_wrong_seed_is_refused():
@@ -190,6 +192,6 @@ def test_heldout_hands_callback_refuses_what_it_cannot_measure(tmp_path):
     trainer = SimpleNamespace(datamodule=SimpleNamespace(root=tmp_path), fast_dev_run=False, world_size=1)
     with pytest.raises(ValueError, match="has no heldout_cache_dir .*data=synthetic_preference"):
         cb.run(trainer, SimpleNamespace())
-    many = SimpleNamespace(fast_dev_run=False, world_size=2, global_rank=1)
-    cb.on_train_end(many, SimpleNamespace())
+    many = SimpleNamespace(fast_dev_run=False, world_size=2, global_rank=1, global_step=3)
+    cb.on_fit_end(many, SimpleNamespace())
     assert cb.results is None and cb.summary_lines() == ["Held-out preference pairs: hands not run: it samples in one process, and this run has 2."]

@@ -104,30 +104,43 @@ def true_hands(synth_seed: int, record_id: str, frames: int, fps: float, height:
     return np.stack([np.stack([j["hand_l"], j["hand_r"]]) for _, j in cast]).astype(np.float64)
 
 
-def hand_radii(hands: np.ndarray, boxes: Sequence[Sequence[Sequence[float]]], what: str = "pair") -> np.ndarray:
+def hand_radii(
+    hands: np.ndarray, boxes: Sequence[Sequence[Sequence[float]]], height: int, width: int, what: str = "pair"
+) -> np.ndarray:
     """(K,) the drawn hand radius of each character, read from the winner's per-frame hand boxes, which are
-    drawn about the true joints (`scail2.data.synth.joint_box`: a box of the radius, clipped to the frame).
+    drawn about the true joints (`scail2.data.synth.joint_box`: a box of the radius, clipped to the frame, so a
+    joint just outside the frame can have one).
 
-    A box's radius is its largest extent from the joint it contains (one side of each axis is unclipped). Every
-    box must contain a true hand joint, and every character needs a box somewhere; otherwise the joints are not
-    those the winner was drawn from (a wrong dataset seed), which is an error."""
+    Each box is matched to the true joint it was drawn about: the joint for which some radius r reproduces the
+    box exactly (r is the box's largest extent from the joint: one side of each axis is unclipped). A box that
+    no true joint reproduces, or a character without any box, means the joints are not those the winner was
+    drawn from (a wrong dataset seed): an error."""
+    from scail2.data.synth import joint_box
+
     k, _, f, _ = hands.shape
     radii = np.zeros(k)
     for i, frame in enumerate(boxes[:f]):
         for box in frame:
             x0, y0, x1, y1 = box
-            c = hands[:, :, i]  # (K, 2, 2)
-            inside = (c[..., 0] >= x0 - 0.01) & (c[..., 0] <= x1 + 0.01) & (c[..., 1] >= y0 - 0.01) & (c[..., 1] <= y1 + 0.01)
-            if not inside.any():
+            match = None
+            for ck in range(k):
+                for side in range(2):
+                    x, y = hands[ck, side, i]
+                    if not (np.isfinite(x) and np.isfinite(y)):
+                        continue
+                    r = max(x1 - x, x - x0, y1 - y, y - y0)
+                    again = joint_box(np.array([x, y]), r, height, width)
+                    if r > 0 and again is not None and np.allclose(again, box, atol=0.015):
+                        match = (ck, r)
+                        break
+                if match is not None:
+                    break
+            if match is None:
                 raise ValueError(
-                    f"{what}: the winner's hand box {tuple(box)} in frame {i} holds no true hand joint; the source "
-                    "video's joints do not match it (give the seed the synthetic dataset was generated with)"
+                    f"{what}: the winner's hand box {tuple(box)} in frame {i} was drawn about no true hand joint; the "
+                    "source video's joints do not match it (give the seed the synthetic dataset was generated with)"
                 )
-            centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-            dist = np.where(inside, np.linalg.norm(c - centre, axis=-1), np.inf)
-            ck, ch = np.unravel_index(int(np.argmin(dist)), dist.shape)
-            x, y = c[ck, ch]
-            radii[ck] = max(radii[ck], x - x0, x1 - x, y - y0, y1 - y)
+            radii[match[0]] = max(radii[match[0]], match[1])
     if (radii <= 0).any():
         raise ValueError(f"{what}: the winner has no hand box for character(s) {np.flatnonzero(radii <= 0).tolist()}")
     return radii
@@ -166,7 +179,7 @@ def load_hand_cases(manifest: str | Path, synth_seed: int, disc: float = HAND_DI
         preferred, dispreferred = read_video(r.preferred), read_video(r.dispreferred)
         f, h, w = preferred.shape[:3]
         hands = true_hands(synth_seed, r.provenance.source_record, f, r.fps, h, w)
-        radii = hand_radii(hands, r.preferred_hands, f"pair {pid}")
+        radii = hand_radii(hands, r.preferred_hands, h, w, f"pair {pid}")
         cases.append(HandCase(pid, r.provenance.source_record, preferred, dispreferred, hands, radii,
                               hand_discs(hands, radii, h, w, disc)))  # fmt: skip
     if not cases:

@@ -217,8 +217,10 @@ class HeldOutHands(Evaluation):
         self.results: dict[str, Any] | None = None
         self.skipped: str | None = None
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.fast_dev_run:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # After every on_train_end: the export and the last checkpoint are written before the benchmark runs,
+        # so an error here loses neither.
+        if trainer.fast_dev_run or trainer.global_step == 0:
             return
         if trainer.world_size > 1:
             self.skipped = f"not run: it samples in one process, and this run has {trainer.world_size}"
