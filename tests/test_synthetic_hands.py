@@ -115,12 +115,13 @@ def test_scores_of_the_winners_latents_are_zero_and_the_losers_match_an_independ
     losers = {i: z for b in batches for i, z in zip(b.winner.meta["ids"], b.loser_latents)}
     res = score_hands({"oracle": truth}, batches, cases, compare=[("oracle", "dispreferred")])
     assert res["pairs"] == 4 and "hand_error" not in res["metrics"]  # no VAE: latents only
-    assert all(r["latent_hand_error"] == 0.0 for r in res["per_pair"]["oracle"])
+    assert all(r["latent_hand_error"] == 0.0 and r["latent_error"] == 0.0 for r in res["per_pair"]["oracle"])
     for case, row in zip(res["ids"], res["per_pair"]["dispreferred"]):
         c = next(x for x in cases if x.id == case)
         cov = c.latent_discs()  # (1, T, h, w)
         expect = float((cov * (losers[case] - truth[case]).pow(2)).sum() / (16 * cov.sum()))
         assert row["latent_hand_error"] == pytest.approx(expect, rel=1e-6)
+        assert row["latent_error"] == pytest.approx(float((losers[case] - truth[case]).pow(2).mean()), rel=1e-6)
     d = res["comparisons"]["latent_hand_error"]["dispreferred - oracle"]
     assert d["mean"] == pytest.approx(res["metrics"]["latent_hand_error"]["dispreferred"]["mean"])
     with pytest.raises(ValueError, match="cover 1 pairs"):

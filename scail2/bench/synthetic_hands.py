@@ -16,6 +16,9 @@ true hands (lower is better):
 - **latent hand error** (primary; independent of the decoder): the mean squared difference between the
   sampled latents and the winner's latents, weighted by the discs' coverage of the latent grid
   (`scail2.data.transforms.region_to_latent`).
+- **latent error** (a control): the same squared difference over the whole clip. A fall of the hand error
+  with no larger fall here is specific to the hands; a fall of both is a general gain (e.g. adapting to the
+  preference clips), which the SFT-only baseline on the same winners also gets.
 - **pixel hand error** (with a VAE): the mean absolute difference (pixels in [0, 1]) between the decoded sample
   and the winner video inside the discs.
 
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 HAND_DISC = 1.5  # default disc radius, in drawn hand radii
-METRICS = ("latent_hand_error", "hand_error")
+METRICS = ("latent_hand_error", "latent_error", "hand_error")
 
 
 @dataclass(frozen=True)
@@ -312,7 +315,10 @@ def score_hands(
     for name, got in {**samples, "dispreferred": losers}.items():
         rows = []
         for pid in ids:
-            row = {"latent_hand_error": latent_hand_error(got[pid], truth[pid], cover[pid])}
+            row = {
+                "latent_hand_error": latent_hand_error(got[pid], truth[pid], cover[pid]),
+                "latent_error": float((got[pid].double() - truth[pid].double()).pow(2).mean()),
+            }
             if vae is not None:
                 video = by_id[pid].dispreferred.astype(np.float64) / 255.0 if name == "dispreferred" else decode(got[pid])
                 row["hand_error"] = pixel_hand_error(video, by_id[pid])
@@ -356,7 +362,7 @@ def paired_difference(per: Mapping[str, Sequence[Mapping[str, float]]], metric: 
     return out
 
 
-_NAMES = {"latent_hand_error": "latent hand error", "hand_error": "pixel hand error"}
+_NAMES = {"latent_hand_error": "latent hand error", "latent_error": "latent error (clip)", "hand_error": "pixel hand error"}
 
 
 def format_hand_report(results: Mapping[str, Any], title: str = "Held-out preference pairs: hands") -> list[str]:
