@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pixels", action="store_true", help="also decode with the data's VAE and measure pixels")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--name", default="dpo_hands_cpu", help="result file benchmarks/results/<name>.json")
+    p.add_argument("--note", default="", help="free text recorded with the result (e.g. how the networks were trained)")
     args = p.parse_args(argv)
     if args.sft is None and args.dpo is None:
         p.error("give --sft and/or --dpo (networks compared with --base)")
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(lines))
     payload = {
         "versions": versions("diffusers", "lightning"),
+        "note": args.note,
         "settings": {**vars(args), "data_settings": settings},
         "networks": {k: str(Path(v).resolve()) for k, v in folders.items() if v is not None},
         "seconds": round(seconds, 1),
