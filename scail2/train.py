@@ -64,6 +64,7 @@ class TrainResult:
     global_step: int
     validation: list[Any] = field(default_factory=list)  # scail2.lit.validation.ValidationResult
     heldout: list[dict[str, float]] = field(default_factory=list)  # DPO: held-out pair metrics ("step" + values)
+    reports: list[str] = field(default_factory=list)  # end-of-run lines of callbacks with `summary_lines()`
     network_dir: Path | None = None  # the exported network: export_dir, or its merged/ for a LoRA export
     lora_dir: Path | None = None  # DPO: the adapters (peft layout)
     start_step: int = 0  # the step training started from (the checkpoint's, when resumed)
@@ -458,6 +459,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
         mark_finished(export.network_dir)
     last = Path(checkpoint_cb.last_model_path) if checkpoint_cb is not None and checkpoint_cb.last_model_path else None
     heldout = evaluation_history(trainer, HeldOutPreferences)
+    reporting = [cb for cb in trainer.callbacks if callable(getattr(cb, "summary_lines", None))]
     validation = evaluation_history(trainer, SampleValidation)
     if is_zero and logger is not None:
         histories = {
@@ -478,6 +480,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
         global_step=trainer.global_step,
         validation=validation,
         heldout=heldout,
+        reports=[line for cb in reporting for line in cb.summary_lines()],
         network_dir=export.network_dir if export is not None else None,
         lora_dir=export.lora_dir if export is not None else None,
         start_step=start_step,
@@ -511,9 +514,17 @@ def summary(result: TrainResult) -> str:
         first, final = result.heldout[0], result.heldout[-1]
         lines.append(f"Preference pairs (held-out; trainpairs: seen in training), fixed draws, step {first['step']:.0f} -> step {final['step']:.0f}:")
         for key in first:
-            if key != "step" and key in final:
-                better = "lower is better" if key.endswith("dpo_loss") else "higher is better"
+            if key == "step" or key not in final or key.endswith("_se"):
+                continue
+            better = "lower is better" if key.endswith("dpo_loss") else "higher is better"
+            se = f"{key}_se"
+            if se in first and se in final:  # the implicit accuracy, with its standard error over pairs
+                acc, err = final[key], final[se]
+                verdict = "above 0.5 by > 2 SE" if acc - 0.5 > 2 * err else "not above 0.5 by > 2 SE"
+                lines.append(f"  {key:<30} {first[key]:10.4f} -> {acc:10.4f} +- {err:.4f}   ({better}; {verdict})")
+            else:
                 lines.append(f"  {key:<30} {first[key]:10.4f} -> {final[key]:10.4f}   ({better})")
+    lines.extend(result.reports)
     lines.append("Outputs:")
     lines.append(f"  run folder      {result.run_dir}")
     if result.tracking_uri:

@@ -235,3 +235,63 @@ def test_adapted_model_equals_base_at_initialisation():
     inputs, cond = random_scail2_batch(model.config)
     with torch.no_grad():
         assert torch.equal(model(**inputs.as_kwargs(), **cond), frozen(**inputs.as_kwargs(), **cond))
+
+
+def test_dpo_weight_zero_is_exactly_lambda_times_the_sft_term():
+    pair = make_pair()
+    b = 2
+    g0 = torch.Generator().manual_seed(0)
+    p_pol, p_ref = torch.randn(2 * b, 16, 3, 8, 8, generator=g0), torch.randn(2 * b, 16, 3, 8, 8, generator=g0)
+    sft = DPOConfig(beta=50.0, sft_weight=0.3, dpo_weight=0.0)
+    out = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(7), sft, reference=model_velocity(Stub(p_ref)))
+    g = torch.Generator().manual_seed(7)
+    torch.randn(b, generator=g)  # sigma's draw
+    eps = torch.randn(pair.winner.latents.shape, generator=g)
+    expect_sft = (p_pol[:b] - (eps - pair.winner.latents)).pow(2).flatten(1).mean(1).mean()
+    assert torch.allclose(out.sft_loss, expect_sft, atol=1e-6)
+    assert torch.equal(out.loss, 0.3 * out.sft_loss)
+    # The DPO term is still measured (so the implicit accuracy of an SFT run is comparable), with the same value.
+    full = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(7), DPOConfig(beta=50.0, sft_weight=0.3), reference=model_velocity(Stub(p_ref)))
+    assert torch.equal(out.dpo_loss, full.dpo_loss) and torch.equal(out.sft_loss, full.sft_loss)
+    assert torch.equal(full.loss, full.dpo_loss + 0.3 * full.sft_loss)
+    half = DPOConfig(beta=50.0, sft_weight=0.3, dpo_weight=0.5)
+    scaled = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(7), half, reference=model_velocity(Stub(p_ref)))
+    assert torch.equal(scaled.loss, 0.5 * full.dpo_loss + 0.3 * full.sft_loss)
+
+
+def test_dpo_weight_zero_gradient_does_not_depend_on_the_losers(lora_model):
+    model, _ = lora_model
+    pair = make_pair()
+    other = PreferenceBatch(pair.winner, torch.randn(pair.loser_latents.shape, generator=torch.Generator().manual_seed(5)), pair.loser_hand_mask)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(batch, cfg):
+        out = dpo_loss(model, batch, torch.Generator().manual_seed(4), cfg, reference=base_of(model))
+        return torch.autograd.grad(out.loss, params)
+
+    sft = DPOConfig(sft_weight=0.5, dpo_weight=0.0)
+    for a, c in zip(grads(pair, sft), grads(other, sft)):
+        assert torch.equal(a, c)
+    dpo = DPOConfig(sft_weight=0.5, dpo_weight=1.0)  # with the DPO term the losers do matter
+    assert any(not torch.allclose(a, c) for a, c in zip(grads(pair, dpo), grads(other, dpo)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"dpo_weight": -0.1}, "dpo_weight is -0.1; need >= 0"), ({"dpo_weight": 0.0, "sft_weight": 0.0}, "both 0")],
+)
+def test_dpo_weight_is_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPOConfig(**kwargs)
+
+
+def test_pair_accuracy_is_per_pair_with_half_on_ties():
+    pair = make_pair(b=3)
+    g0 = torch.Generator().manual_seed(1)
+    p_pol = torch.randn(6, 16, 3, 8, 8, generator=g0)
+    p_ref = p_pol.clone()
+    p_ref[0] += 0.5  # pair 0: the reference is off on the winner only, so the policy prefers the winner more
+    p_ref[4] += 0.5  # pair 1: off on the loser only, so the policy prefers the loser more; pair 2: a tie
+    out = dpo_loss(Stub(p_pol), pair, torch.Generator().manual_seed(2), DPOConfig(beta=10.0), reference=model_velocity(Stub(p_ref)))
+    assert out.pair_accuracy.tolist() == [1.0, 0.0, 0.5]
+    assert out.implicit_accuracy.item() == 0.5

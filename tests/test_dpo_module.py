@@ -197,3 +197,46 @@ def test_slow_heldout_evaluation_does_not_count_as_training_time(tmp_path, monke
     assert len(step_times) == 4 and step_times == [2.0] * 4
     flops = module.training_flops_per_batch(next(iter(dm.train_dataloader())))
     assert [v for _, v in logger.metrics["perf/mfu"]] == pytest.approx([flops / 2.0 / 1e9] * 4, rel=1e-6)
+
+
+def test_mean_and_se_over_pairs_exact():
+    from scail2.lit.heldout import mean_and_se
+
+    mean, se = mean_and_se(torch.tensor([1.0, 0.0, 0.5, 1.0]))
+    # deviations from 0.625: 0.375, -0.625, -0.125, 0.375; squares sum to 0.6875; sd = sqrt(0.6875 / 3)
+    assert mean == 0.625 and se == pytest.approx(np.sqrt(0.6875 / 3) / 2, rel=1e-12)
+    assert np.isnan(mean_and_se(torch.tensor([1.0]))[1])
+
+
+class _FakeBatch:
+    def __init__(self, b):
+        self.batch_size = b
+
+    def to(self, device):
+        return self
+
+
+class _FakeDPOModule:
+    """``preference_loss`` returns fixed per-pair accuracies per (batch, draw), keyed by the generator's seed."""
+
+    device = "cpu"
+
+    def __init__(self, table):
+        self.table = table  # seed -> (B,) per-pair accuracies
+
+    def preference_loss(self, batch, generator):
+        from types import SimpleNamespace
+
+        acc = torch.tensor(self.table[generator.initial_seed()])
+        return SimpleNamespace(pair_accuracy=acc, implicit_accuracy=acc.mean(), dpo_loss=torch.tensor(0.7), reward_margin=torch.tensor(0.0))
+
+
+def test_heldout_accuracy_se_is_over_pairs_with_draws_averaged_per_pair(tmp_path):
+    cfg = HeldOutConfig(cache_dir=str(tmp_path), seed=10, draws=2)
+    cb = HeldOutPreferences(cfg)
+    # Seeds: seed + 100_003 * draw + batch index. Batch 0 holds pairs a, b; batch 1 holds pair c.
+    table = {10: [1.0, 0.0], 10 + 100_003: [1.0, 1.0], 11: [0.5], 11 + 100_003: [0.0]}
+    metrics = cb._measure({"heldout": [_FakeBatch(2), _FakeBatch(1)]}, _FakeDPOModule(table))
+    per_pair = np.array([1.0, 0.5, 0.25])  # each pair's mean over its two draws
+    assert metrics["heldout/implicit_accuracy"] == pytest.approx(per_pair.mean(), rel=1e-12)
+    assert metrics["heldout/implicit_accuracy_se"] == pytest.approx(per_pair.std(ddof=1) / np.sqrt(3), rel=1e-12)

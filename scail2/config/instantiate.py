@@ -43,6 +43,7 @@ SHIPPED_TARGETS: frozenset[str] = frozenset(
         "scail2.lit.data.SyntheticDataModule",
         "scail2.lit.data.SyntheticPreferenceDataModule",
         "scail2.lit.dpo.DPOModule",
+        "scail2.lit.heldout.HeldOutHands",
         "scail2.lit.optim.warmup_cosine",
         "scail2.lit.pretrain.PretrainModule",
         "scail2.lit.strategies.DDPStrategy",

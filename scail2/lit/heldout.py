@@ -8,17 +8,25 @@ and, with ``heldout.training_pairs``, as many pairs of the training data module 
 optimisation itself works). It measures before training (step 0 of a fresh run), every
 ``heldout.every_n_steps`` optimizer steps and after training, each pair under ``heldout.draws`` fixed noise /
 timestep draws (the same ones at every evaluation).
+
+The implicit accuracy is reported with its standard error over pairs (``<set>/implicit_accuracy_se``): each
+pair's accuracy is averaged over its draws, and the error is the sample standard deviation of these per-pair
+values over sqrt(pairs). Pairs, not draws, are the independent units: the draws of one pair share its content.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from scail2.data.batch import PreferenceBatch
 from scail2.lit.evaluation import Evaluation, model_in_eval
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,15 +130,164 @@ class HeldOutPreferences(Evaluation):
         h = self.cfg
         metrics: dict[str, float] = {}
         for name, batches in sets.items():
-            acc, loss, margin, n = 0.0, 0.0, 0.0, 0
+            per_pair: list[torch.Tensor] = []  # (B,) per batch: each pair's accuracy averaged over the draws
+            loss, margin, n = 0.0, 0.0, 0
             for i, batch in enumerate(batches):
                 batch = batch.to(pl_module.device)
+                acc = torch.zeros(batch.batch_size, dtype=torch.float64)
                 for d in range(h.draws):
                     out = pl_module.preference_loss(batch, torch.Generator().manual_seed(h.seed + 100_003 * d + i))
                     b = batch.batch_size
-                    acc += float(out.implicit_accuracy) * b
+                    acc += out.pair_accuracy.detach().double().cpu()
                     loss += float(out.dpo_loss) * b
                     margin += float(out.reward_margin) * b
                     n += b
-            metrics.update({f"{name}/implicit_accuracy": acc / n, f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n})
+                per_pair.append(acc / h.draws)
+            accuracy, se = mean_and_se(torch.cat(per_pair))
+            metrics.update({
+                f"{name}/implicit_accuracy": accuracy, f"{name}/implicit_accuracy_se": se,
+                f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n,
+            })  # fmt: skip
         return metrics
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-pair values (n,) and its standard error over the pairs, sd / sqrt(n) with the sample
+    standard deviation (n - 1 in its denominator); the error is NaN for a single pair."""
+    v = values.double().flatten()
+    if v.numel() == 0:
+        raise ValueError("mean_and_se needs at least one value")
+    se = float(v.std(unbiased=True) / v.numel() ** 0.5) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se
+
+
+class HeldOutHands(Evaluation):
+    """At the end of a DPO run: the hands of samples on the held-out preference pairs against the synthetic
+    ground truth (`scail2.bench.synthetic_hands`), for the post-trained network (``dpo``; ``sft`` for an SFT-only
+    run, ``objective.dpo_weight=0``), the base (the same network with its adapters disabled) and the networks of
+    ``compare`` (name -> a network folder, e.g. the merged export of an SFT-only run on the same winners),
+    all from the same noise. The trained network is compared with each (paired differences over the pairs, "beaten"
+    at more than twice their standard error). Writes ``out_dir/results.json``, logs ``hands/<metric>/<name>`` and
+    prints the report at the end of the run (``summary_lines``).
+
+    Needs a ``data=synthetic_preference`` data module (its held-out cache and pairs, and its dataset seed, whose
+    source videos give the true hand joints) and one process (the sampler runs the whole network on one rank).
+
+    Args:
+        out_dir: where results.json goes.
+        num_pairs: held-out pairs sampled (a seeded choice, as `HeldOutConfig`); None: all of them.
+        compare: name -> network folder (`scail2.models.load_transformer`) scored alongside.
+        encoders: the encoders folder whose VAE decodes the samples for the pixel error (None: the data
+            module's; the pixel error needs a VAE that reconstructs, ``data.vae=trained``).
+        pixels: also decode and measure the pixel error.
+        seed, steps, shift, scheduler, guidance_scale, batch_size, disc: `HandBenchmarkConfig` (``seed`` also
+            chooses the pairs).
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        num_pairs: int | None = None,
+        compare: dict[str, str] | None = None,
+        encoders: str | None = None,
+        pixels: bool = True,
+        seed: int = 0,
+        steps: int = 20,
+        shift: float = 3.0,
+        scheduler: str = "unipc",
+        guidance_scale: float = 1.0,
+        batch_size: int = 8,
+        disc: float = 1.5,
+    ):
+        super().__init__()
+        from scail2.bench.synthetic_hands import HandBenchmarkConfig
+
+        if num_pairs is not None and num_pairs < 2:
+            raise ValueError(f"callbacks.hands.num_pairs is {num_pairs}; a standard error needs at least 2 pairs (or null: all)")
+        self.out_dir = Path(out_dir)
+        self.num_pairs = num_pairs
+        self.compare = {str(k): Path(v) for k, v in (compare or {}).items()}
+        reserved = {"dpo", "sft", "base", "dispreferred", "vae_reconstruction"} & set(self.compare)
+        if reserved:
+            raise ValueError(f"callbacks.hands.compare names {sorted(reserved)}, which the benchmark uses itself; rename them")
+        self.encoders = Path(encoders) if encoders is not None else None
+        self.pixels = pixels
+        self.config = HandBenchmarkConfig(steps=steps, shift=shift, scheduler=scheduler, guidance_scale=guidance_scale,
+                                          seed=seed, batch_size=batch_size, disc=disc)  # fmt: skip
+        self.results: dict[str, Any] | None = None
+        self.skipped: str | None = None
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # After every on_train_end: the export and the last checkpoint are written before the benchmark runs,
+        # so an error here loses neither.
+        if trainer.fast_dev_run or trainer.global_step == 0:
+            return
+        if trainer.world_size > 1:
+            self.skipped = f"not run: it samples in one process, and this run has {trainer.world_size}"
+            if trainer.global_rank == 0:
+                log.warning("held-out hands %s", self.skipped)
+            return
+        with self.timed():
+            self.results = self.run(trainer, pl_module)
+
+    def run(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        import json
+
+        from scail2.bench.synthetic_hands import format_hand_report, heldout_batches, json_safe, load_hand_cases, sample_pairs, score_hands
+        from scail2.lora import adapters_disabled
+        from scail2.models import load_transformer
+
+        dm = trainer.datamodule
+        for name in ("heldout_cache_dir", "root", "synth"):
+            if getattr(dm, name, None) is None:
+                raise ValueError(
+                    f"callbacks.hands measures held-out synthetic preference pairs against their ground truth; the "
+                    f"data module ({type(dm).__name__}) has no {name} (use data=synthetic_preference, or callbacks.hands=null)"
+                )
+        batches = [b.to(pl_module.device) for b in heldout_batches(dm.heldout_cache_dir, self.num_pairs, self.config.batch_size, self.config.seed)]
+        ids = [i for b in batches for i in b.winner.meta["ids"]]
+        cases = load_hand_cases(Path(dm.root) / "heldout" / "pairs" / "manifest.jsonl", dm.synth.seed, self.config.disc, ids)
+        name = "sft" if pl_module.objective.dpo_weight == 0 else "dpo"
+        net = pl_module.net
+        samples = {}
+        with model_in_eval(trainer, net):
+            samples[name] = sample_pairs(net, batches, self.config)
+            with adapters_disabled(net) as base:
+                samples["base"] = sample_pairs(base, batches, self.config)
+        for other, folder in self.compare.items():
+            samples[other] = sample_pairs(load_transformer(folder).to(pl_module.device).eval(), batches, self.config)
+        vae = None
+        if self.pixels:
+            from scail2.encoders.bundle import Encoders
+
+            vae = Encoders.from_pretrained(self.encoders or dm.encoders_dir, device=pl_module.device).vae
+        compare = [(name, other) for other in samples if other != name] + [(name, "dispreferred")]
+        results = score_hands({k: {i: z.cpu() for i, z in v.items()} for k, v in samples.items()},
+                              [b.to("cpu") for b in batches], cases, vae, compare, self.config)  # fmt: skip
+        results["network"] = name
+        results["step"] = trainer.global_step
+        if trainer.global_rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / "results.json"
+            path.write_text(json.dumps(json_safe(results), indent=1) + "\n")
+            results["file"] = str(path)
+            for line in format_hand_report(results):
+                log.info(line)
+            metrics = {f"hands/{m}/{n}": e["mean"] for m, t in results["metrics"].items() for n, e in t.items() if e["n"]}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append({"step": float(trainer.global_step), **{f"hands/{m}/{n}": e["mean"] for m, t in results["metrics"].items() for n, e in t.items()}})
+        return results
+
+    def summary_lines(self) -> list[str]:
+        """The report for the end-of-run summary (empty before the run ends)."""
+        if self.skipped is not None:
+            return [f"Held-out preference pairs: hands {self.skipped}."]
+        if self.results is None:
+            return []
+        from scail2.bench.synthetic_hands import format_hand_report
+
+        lines = format_hand_report(self.results)
+        if "file" in self.results:
+            lines.append(f"  results         {self.results['file']}")
+        return lines

@@ -5,7 +5,7 @@ samples' hand masks on the latent grid,
 
     err(m, x) = mean over C*T*H*W of (M * (v_m(x_s) - (eps - x0)))^2
     L_dpo     = -log sigmoid(-beta/2 * [(err(theta, w) - err(ref, w)) - (err(theta, l) - err(ref, l))])
-    L         = L_dpo + lambda * L_sft(w)
+    L         = w_dpo * L_dpo + lambda * L_sft(w)
 
 where ``L_sft`` is the plain flow-matching loss of the winner (whole frame, weighted by the flow-matching
 loss mask, `scail2.objectives.flow_matching.loss_mask`, so OCR regions follow ``sigma.exclude_ocr`` as in
@@ -13,6 +13,10 @@ pretraining), computed from the same policy prediction. The reference is the pre
 passes its velocity prediction (a `VelocityFn`, made with `model_velocity`): a frozen copy, or, with LoRA,
 the same network with its adapters disabled (``model_velocity(model, within=scail2.lora.adapters_disabled)``:
 no second copy; the DPO LightningModule, which owns the adapters, does this).
+
+``w_dpo`` (``dpo_weight``) is 1 in the paper's loss. ``dpo_weight = 0`` is the paper's lambda-only baseline:
+supervised fine-tuning on the same winners, ``L = lambda * L_sft(w)`` exactly (the losers are still scored,
+so the implicit accuracy stays comparable, but they take no part in the loss or its gradient).
 
 beta, lambda and the learning rate are not published. Defaults: beta = 5000 (Diffusion-DPO's value for
 per-element mean errors), lambda = 1.0. No history frames and no text dropout are used (preference clips
@@ -49,6 +53,7 @@ VelocityFn = Callable[[Condition, torch.Tensor, torch.Tensor, torch.Tensor], tor
 class DPOConfig:
     beta: float = 5000.0
     sft_weight: float = 1.0  # lambda
+    dpo_weight: float = 1.0  # w_dpo; 0: the SFT-only (lambda-only) baseline on the same winners
     sigma: FlowMatchingConfig = FlowMatchingConfig()  # timestep distribution, shift and loss mask (shared with pretraining)
 
     def __post_init__(self) -> None:
@@ -60,14 +65,22 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.beta is {self.beta}; need a positive value (Diffusion-DPO uses 5000)")
         if self.sft_weight < 0:
             raise ValueError(f"DPOConfig.sft_weight is {self.sft_weight}; need >= 0")
+        if self.dpo_weight < 0:
+            raise ValueError(f"DPOConfig.dpo_weight is {self.dpo_weight}; need >= 0 (1: Bias-Aware DPO, 0: SFT only)")
+        if self.dpo_weight == 0 and self.sft_weight == 0:
+            raise ValueError(
+                "DPOConfig.dpo_weight and sft_weight are both 0, so the loss is 0; set dpo_weight=1 (DPO) or "
+                "sft_weight > 0 with dpo_weight=0 (the SFT-only baseline)"
+            )
 
 
 @dataclass
 class DPOOutput:
-    loss: torch.Tensor  # () L_dpo + lambda * L_sft
+    loss: torch.Tensor  # () w_dpo * L_dpo + lambda * L_sft
     dpo_loss: torch.Tensor  # ()
     sft_loss: torch.Tensor  # ()
     implicit_accuracy: torch.Tensor  # () fraction of pairs where the policy prefers the winner more than the reference
+    pair_accuracy: torch.Tensor  # (B,) per pair: 1 where it does, 0 where it does not, 0.5 on a tie
     reward_margin: torch.Tensor  # () mean of -beta/2 * inside
     err_policy_w: torch.Tensor  # (B,)
     err_policy_l: torch.Tensor
@@ -164,11 +177,16 @@ def dpo_loss(
     # The SFT anchor: the winner's flow-matching loss under pretraining's loss mask.
     weight = loss_mask(batch.winner, pair.history[:b], cfg.sigma.exclude_ocr)
     l_sft = weighted_error(pred[:b], pair.target[:b], weight).mean()
+    # dpo_weight 0 leaves L_dpo out entirely (not 0 * L_dpo): the loss and its gradient are exactly the SFT
+    # baseline's, whatever the losers hold.
+    pair_accuracy = (logits > 0).float() + 0.5 * (logits == 0).float()  # (B,)
+    loss = cfg.sft_weight * l_sft if cfg.dpo_weight == 0 else cfg.dpo_weight * l_dpo + cfg.sft_weight * l_sft
     return DPOOutput(
-        loss=l_dpo + cfg.sft_weight * l_sft,
+        loss=loss,
         dpo_loss=l_dpo,
         sft_loss=l_sft,
-        implicit_accuracy=(logits > 0).float().mean() + 0.5 * (logits == 0).float().mean(),
+        implicit_accuracy=pair_accuracy.mean(),
+        pair_accuracy=pair_accuracy,
         reward_margin=logits.mean().detach(),
         err_policy_w=err[:b].detach(),
         err_policy_l=err[b:].detach(),

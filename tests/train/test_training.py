@@ -416,6 +416,11 @@ def test_dpo_run_logs_exports_and_resumes(tmp_path, mlflow_uri):
                 "train/err_policy_w", "train/err_ref_l", "heldout/implicit_accuracy", "trainpairs/dpo_loss", "perf/tflops_per_device"):
         assert key in metrics, key  # fmt: skip
     assert [m.step for m in client.get_metric_history(result.run_id, "heldout/dpo_loss")] == [0, 2, 4]
+    # The held-out hands after training: the adapted network against the base, from the same noise.
+    assert "heldout/implicit_accuracy_se" in metrics and "hands/latent_hand_error/dpo" in metrics and "hands/latent_hand_error/base" in metrics
+    hands = json.loads((Path(cfg.paths.run_dir) / "hands" / "results.json").read_text())
+    assert hands["pairs"] == 2 and set(hands["metrics"]["latent_hand_error"]) == {"dpo", "base", "dispreferred"}
+    assert any(line.startswith("Held-out preference pairs: hands (2 pairs") for line in result.reports)
     # The held-out figures and the adapters' hash are on the run, as pretraining's validation figures are.
     from scail2.lit.tracking import sha256_file
 
