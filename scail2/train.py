@@ -69,6 +69,7 @@ class TrainResult:
     start_step: int = 0  # the step training started from (the checkpoint's, when resumed)
     finished: bool = True  # trained to trainer.max_steps (not stopped early, not a fast_dev_run)
     nothing_to_train: str | None = None  # why a resume trained no step (the checkpoint is already at the end)
+    reports: list[str] = field(default_factory=list)  # end-of-run lines of the callbacks that have summary_lines()
 
     @property
     def pipeline_dir(self) -> Path | None:
@@ -482,6 +483,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[Any], datamodule: Any) -> 
         lora_dir=export.lora_dir if export is not None else None,
         start_step=start_step,
         finished=finished,
+        reports=[line for cb in trainer.callbacks if callable(getattr(cb, "summary_lines", None)) for line in cb.summary_lines()],
     )
 
 
@@ -514,6 +516,7 @@ def summary(result: TrainResult) -> str:
             if key != "step" and key in final:
                 better = "lower is better" if key.endswith("dpo_loss") else "higher is better"
                 lines.append(f"  {key:<30} {first[key]:10.4f} -> {final[key]:10.4f}   ({better})")
+    lines += result.reports
     lines.append("Outputs:")
     lines.append(f"  run folder      {result.run_dir}")
     if result.tracking_uri:
