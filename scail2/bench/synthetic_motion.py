@@ -252,7 +252,7 @@ def encode_cases(pipe: Any, cases: Sequence[MotionCase]) -> Any:
         f, h, w = case.target.shape[:3]
         prepared = prepare_inputs(
             case.reference, case.driving, mode=case.mode, reference_mask=case.reference_mask,
-            driving_mask=case.driving_mask, height=h, width=w, segment_frames=f,
+            driving_mask=case.driving_mask, height=h, width=w,
         )  # fmt: skip
         if len(prepared.plan.segments) != 1:
             raise ValueError(f"{case.id}: {f} frames need {len(prepared.plan.segments)} segments; the benchmark samples one")

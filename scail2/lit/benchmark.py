@@ -22,7 +22,7 @@ class MotionBenchmark(Evaluation):
     """Args:
         out_dir: where ``results.json`` and ``grid.png`` go.
         heldout: the held-out synthetic folder (None: the data module's ``heldout_manifest`` folder, which
-            ``data=synthetic`` writes with ``data.heldout_pairs``).
+            ``data=synthetic`` writes with ``data.heldout_pairs``; without one the benchmark is skipped, saying so).
         encoders: the encoders folder whose VAE, text and image encoders condition and decode (None: the data
             module's ``encoders_dir``).
         max_cases: the first N held-out pairs (None: all).
@@ -60,27 +60,35 @@ class MotionBenchmark(Evaluation):
         self.skipped: str | None = None
         self._start: torch.nn.Module | None = None
 
-    def _from_datamodule(self, trainer: Any, name: str, what: str) -> Path:
-        value = getattr(trainer.datamodule, name, None)
-        if value is None:
-            raise ValueError(
-                f"the motion benchmark needs {what}: set data.heldout_pairs (data=synthetic) or callbacks.motion_benchmark."
-                f"{'heldout' if name == 'heldout_manifest' else 'encoders'}"
-            )
-        return Path(value)
+    def _heldout(self, trainer: Any) -> Path | None:
+        if self.heldout is not None:
+            return self.heldout
+        manifest = getattr(trainer.datamodule, "heldout_manifest", None)
+        return Path(manifest).parent if manifest is not None else None
+
+    def _encoders(self, trainer: Any) -> Path:
+        found = self.encoders or getattr(trainer.datamodule, "encoders_dir", None)
+        if found is None:
+            raise ValueError("the motion benchmark needs the encoders of the data: set callbacks.motion_benchmark.encoders")
+        return Path(found)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.fast_dev_run or trainer.world_size > 1:
             return
+        heldout = self._heldout(trainer)
+        if heldout is None:
+            self.skipped = "not run: the data has no held-out pairs (data=synthetic with data.heldout_pairs > 0)"
+            return
         # What would fail after training fails now: the held-out set must exist and hold every baseline's pairs.
         from scail2.bench.synthetic_motion import check_heldout
 
-        check_heldout(self.heldout or self._from_datamodule(trainer, "heldout_manifest", "held-out pairs").parent, self.max_cases)
+        check_heldout(heldout, self.max_cases)
+        self._encoders(trainer)
         if pl_module.global_step == 0:
             self._start = copy.deepcopy(pl_module.net).cpu().eval()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run or self.skipped is not None:
             return
         if trainer.world_size > 1:
             # A sharded network cannot sample on one rank alone; benchmark its export instead.
@@ -107,8 +115,7 @@ class MotionBenchmark(Evaluation):
         from scail2.encoders.bundle import Encoders
         from scail2.pipeline import SCAIL2Pipeline
 
-        heldout = self.heldout or self._from_datamodule(trainer, "heldout_manifest", "held-out pairs").parent
-        encoders = self.encoders or self._from_datamodule(trainer, "encoders_dir", "the encoders of the data")
+        heldout, encoders = self._heldout(trainer), self._encoders(trainer)
         pixels = self.pixels if self.pixels is not None else getattr(trainer.datamodule, "vae", None) == "trained"
         device = pl_module.device
         start = self._start
