@@ -7,6 +7,8 @@ use (`SyntheticDataModule` for pretraining, `SyntheticPreferenceDataModule` for 
     <root>/encoders/  tiny VAE / umT5 / CLIP in the Wan2.1-I2V folder layout (`scail2.encoders.tiny`): random
                       umT5 / CLIP and, by ``vae``, the random VAE or the shipped one trained on this domain
     <root>/cache/     the latent cache of the videos through those encoders (`scail2.data.cache`)
+    <root>/heldout/   with ``heldout_pairs``: held-out pairs from indices no training set uses, for the motion
+                      benchmark (`scail2.bench.synthetic_motion`); videos and manifest only, not cached
 
 and training reads the cache like any other (`MotionDataModule`). Everything is a function of the seeds, so
 the same settings give the same data; an interrupted preparation resumes where it stopped.
