@@ -202,7 +202,7 @@ def test_run_on_a_tiny_random_model(tmp_path):
     from PIL import Image
 
     grid = Image.open(tmp_path / "out" / "grid.png")
-    assert grid.size[1] == 14 + 2 * (H + 4) and grid.size[0] == 168 + 7 * (W + 4)  # reference + 3 x 2 frames
+    assert grid.size[1] == 14 + 2 * (H + 4) and grid.size[0] == 210 + 7 * (W + 4)  # reference + 3 x 2 frames
 
 
 def test_demo_callback_prints_the_benchmark(tmp_path):

@@ -486,7 +486,7 @@ def write_grid(path: Path, cases: Sequence[MotionCase], videos: np.ndarray, fram
 
     f, h, w = videos.shape[1:4]
     picks = sorted({round(k * (f - 1) / max(1, frames - 1)) for k in range(frames)})
-    gap, label_h, side = 4, 14, 168
+    gap, label_h, side = 4, 14, 210
     columns = ["reference"] + [f"{name} {j}" for name in ("driving", "target", "sample") for j in picks]
     canvas = Image.new("RGB", (side + len(columns) * (w + gap), label_h + len(cases) * (max(h, 28) + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
