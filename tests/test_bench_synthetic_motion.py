@@ -228,3 +228,18 @@ def test_demo_callback_prints_the_benchmark(tmp_path):
     assert not results["config"]["pixels"]  # the random tiny VAE: latent measure only
     # Three optimizer steps moved the network: the start it is compared with is not the trained one.
     assert results["vs_baselines"]["latent_motion_error"]["untrained"]["mean"] != 0.0
+
+
+def test_callback_without_heldout_pairs_is_skipped_and_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from scail2.lit.benchmark import MotionBenchmark
+
+    cb = MotionBenchmark(str(tmp_path / "bench"))
+    trainer = SimpleNamespace(fast_dev_run=False, world_size=1, global_rank=0, datamodule=SimpleNamespace(heldout_manifest=None))
+    cb.on_train_start(trainer, SimpleNamespace(global_step=0, init_from=None))
+    cb.on_train_end(trainer, None)
+    assert not cb.history and not (tmp_path / "bench").exists()
+    assert cb.summary_lines() == [
+        "Held-out synthetic pairs: motion benchmark not run: the data has no held-out pairs (data=synthetic with data.heldout_pairs > 0)."
+    ]

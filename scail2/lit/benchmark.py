@@ -30,9 +30,10 @@ class MotionBenchmark(Evaluation):
             VAE's decoder does not reconstruct, so only the latent measure is meaningful with it).
         steps, shift, scheduler, seed, batch, grid_cases, grid_frames: `MotionBenchmarkConfig`.
 
-    The start of the run ("before", baseline (c)) is a copy of the network taken when a fresh run starts; a
-    resumed run rebuilds it from the module's factory and seed (a run from ``module.init_from`` resumed has no
-    start to compare with). It samples in one process: runs on more are skipped, saying so.
+    The start of the run ("before", baseline (c)) is the network the module's factory builds under its seed
+    (what `SCAIL2Module.configure_model` starts from), or, for a run from ``module.init_from``, a copy of the
+    network taken when the run starts (such a run resumed has no start to compare with). It samples in one
+    process: runs on more are skipped, saying so.
     """
 
     def __init__(
@@ -84,7 +85,8 @@ class MotionBenchmark(Evaluation):
 
         check_heldout(heldout, self.max_cases)
         self._encoders(trainer)
-        if pl_module.global_step == 0:
+        if pl_module.global_step == 0 and pl_module.init_from is not None:
+            # Weights loaded at the start cannot be rebuilt from the factory: keep a copy of them.
             self._start = copy.deepcopy(pl_module.net).cpu().eval()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
