@@ -20,8 +20,10 @@ mode (`scail2.conditioning.masks.MASK_BACKGROUNDS`): animation: driving and targ
 reference mask on white; replacement: driving and target masks on white, the reference mask on black.
 The drawing API (`random_character`, `random_motion`, `pose_joints`, `random_background`, `draw_posed`,
 `joint_box`, `scene_caption`, `colour_mask_video`) is public: the synthetic preference components draw with it.
-Everything is a function of the seed; `generate_dataset` records the drawing version and options in
-``synth.json`` and `ensure_dataset` refuses a folder drawn by another version or with other options.
+Everything is a function of the seed and the pair index; `generate_dataset` records the drawing version and
+options in ``synth.json`` and `ensure_dataset` refuses a folder drawn by another version or with other options.
+`pair_truth` draws a pair's exact ground truth again from those (character silhouettes, the backgrounds of the
+target, the driving video and the reference, joints), for measurements against it.
 """
 
 from __future__ import annotations
