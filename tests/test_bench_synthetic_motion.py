@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from scail2.bench.synthetic_motion import (
     MotionBenchmarkConfig,
