@@ -13,6 +13,9 @@ Importing this package loads nothing; use the submodules:
 - ``scail2.bench.published``: the paper's published numbers and the protocols behind them.
 - ``scail2.bench.report``: results.json / .csv / .md, plots and the self-contained report.html.
 - ``scail2.bench.runner``: `run_benchmark`, the whole run including MLflow logging.
+- ``scail2.bench.synthetic_motion``: motion transfer on held-out synthetic pairs against their exact ground truth,
+  with the reference-still, shuffled-driving and untrained baselines (``docs/training.md``); `mean_se` and
+  `paired_difference` are its statistics.
 
 How to run each benchmark and the folder layouts: ``docs/benchmarks-quality.md``.
 """
