@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from scail2.bench.synthetic_hands import (
-        HandBenchmarkConfig, format_hand_report, heldout_batches, implicit_accuracies, json_safe, load_hand_cases,
-        paired_difference, sample_pairs, score_hands, stats,
+        HandBenchmarkConfig, format_hand_report, heldout_batches, implicit_accuracies, load_hand_cases,
+        paired_difference, sample_pairs, score_hands,
     )  # fmt: skip
     from scail2.models import load_transformer
+    from scail2.utils.stats import json_safe, mean_se
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in trained:
         acc = implicit_accuracies(nets[name], nets["base"], batches, args.draws)
         per_acc[name] = [{"implicit_accuracy": acc[i]} for i in hands["ids"]]
-        entry = stats([acc[i] for i in hands["ids"]])
+        entry = mean_se([acc[i] for i in hands["ids"]])
         entry["above_chance"] = bool(entry["n"] > 1 and entry["mean"] - 0.5 > 2 * entry["se"])
         accuracy["networks"][name] = entry
     if len(trained) == 2:

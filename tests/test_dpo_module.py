@@ -199,15 +199,6 @@ def test_slow_heldout_evaluation_does_not_count_as_training_time(tmp_path, monke
     assert [v for _, v in logger.metrics["perf/mfu"]] == pytest.approx([flops / 2.0 / 1e9] * 4, rel=1e-6)
 
 
-def test_mean_and_se_over_pairs_exact():
-    from scail2.lit.heldout import mean_and_se
-
-    mean, se = mean_and_se(torch.tensor([1.0, 0.0, 0.5, 1.0]))
-    # deviations from 0.625: 0.375, -0.625, -0.125, 0.375; squares sum to 0.6875; sd = sqrt(0.6875 / 3)
-    assert mean == 0.625 and se == pytest.approx(np.sqrt(0.6875 / 3) / 2, rel=1e-12)
-    assert np.isnan(mean_and_se(torch.tensor([1.0]))[1])
-
-
 class _FakeBatch:
     def __init__(self, b):
         self.batch_size = b

@@ -13,6 +13,11 @@ Importing this package loads nothing; use the submodules:
 - ``scail2.bench.published``: the paper's published numbers and the protocols behind them.
 - ``scail2.bench.report``: results.json / .csv / .md, plots and the self-contained report.html.
 - ``scail2.bench.runner``: `run_benchmark`, the whole run including MLflow logging.
+- ``scail2.bench.synthetic_motion``: motion transfer on held-out synthetic pairs against their exact ground truth,
+  with the reference-still, shuffled-driving and untrained baselines (``docs/training.md``).
+- ``scail2.bench.synthetic_hands``: hands of samples on held-out synthetic preference pairs against the true hand
+  joints, for base / SFT-only / DPO networks (``docs/training.md``). Both report their statistics with
+  `scail2.utils.stats` (mean and standard error over pairs, paired differences).
 
 How to run each benchmark and the folder layouts: ``docs/benchmarks-quality.md``.
 """

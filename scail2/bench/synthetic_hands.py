@@ -41,6 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from scail2.utils import stats
+from scail2.utils.stats import mean_se
+
 HAND_DISC = 1.5  # default disc radius, in drawn hand radii
 METRICS = ("latent_hand_error", "latent_error", "hand_error")
 
@@ -328,7 +331,7 @@ def score_hands(
         per["vae_reconstruction"] = [{"hand_error": pixel_hand_error(decode(truth[pid]), by_id[pid])} for pid in ids]
     results: dict[str, Any] = {"pairs": len(ids), "ids": ids, "config": asdict(config), "per_pair": per, "metrics": {}}
     for metric in METRICS:
-        table = {name: stats([r[metric] for r in rows]) for name, rows in per.items() if rows and metric in rows[0]}
+        table = {name: mean_se([r[metric] for r in rows]) for name, rows in per.items() if rows and metric in rows[0]}
         if table:
             results["metrics"][metric] = table
     results["comparisons"] = {
@@ -341,24 +344,14 @@ def score_hands(
 # ------------------------------------------------------------------------------------------------ statistics
 
 
-def stats(values: Sequence[float]) -> dict[str, float]:
-    """Mean, standard error over the values (sample sd / sqrt(n)) and n, NaNs left out."""
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    if not len(v):
-        return {"mean": math.nan, "se": math.nan, "n": 0}
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
-    return {"mean": float(v.mean()), "se": se, "n": int(len(v))}
-
-
 def paired_difference(per: Mapping[str, Sequence[Mapping[str, float]]], metric: str, better: str, worse: str) -> dict[str, Any]:
-    """Per pair ``worse - better`` of ``metric`` (pairs where either is NaN left out): mean, SE, n, and
+    """Per pair ``worse - better`` of ``metric`` (pairs where either is missing or NaN left out): mean, SE, n, and
     ``beaten``: the mean exceeds twice the SE (``better`` has the lower error beyond noise)."""
     for name in (better, worse):
         if name not in per:
             raise ValueError(f"no per-pair results for {name!r}; have {sorted(per)}")
-    diff = [w.get(metric, math.nan) - b.get(metric, math.nan) for b, w in zip(per[better], per[worse])]
-    out: dict[str, Any] = stats(diff)
-    out["beaten"] = bool(out["n"] > 1 and out["mean"] > 2 * out["se"])
+    out = stats.paired_difference([b.get(metric, math.nan) for b in per[better]], [w.get(metric, math.nan) for w in per[worse]])
+    out["beaten"] = out.pop("beats")
     return out
 
 
@@ -376,16 +369,3 @@ def format_hand_report(results: Mapping[str, Any], title: str = "Held-out prefer
             verdict = "beaten by > 2 SE" if d["beaten"] else "NOT beaten by > 2 SE"
             lines.append(f"  {_NAMES.get(metric, metric)}, {name}: {d['mean']:+.4f} +- {d['se']:.4f}  ({verdict})")
     return lines
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as None and numpy scalars as Python numbers (for JSON files)."""
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

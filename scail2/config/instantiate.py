@@ -36,6 +36,7 @@ SHIPPED_TARGETS: frozenset[str] = frozenset(
         "torch.optim.AdamW",
         "scail2.data.datamodule.MotionDataModule",
         "scail2.preference.datamodule.PreferenceDataModule",
+        "scail2.lit.benchmark.MotionBenchmark",
         "scail2.lit.callbacks.DataSkipMonitor",
         "scail2.lit.callbacks.ThroughputMonitor",
         "scail2.lit.callbacks.progress_bar",

@@ -20,8 +20,10 @@ mode (`scail2.conditioning.masks.MASK_BACKGROUNDS`): animation: driving and targ
 reference mask on white; replacement: driving and target masks on white, the reference mask on black.
 The drawing API (`random_character`, `random_motion`, `pose_joints`, `random_background`, `draw_posed`,
 `joint_box`, `scene_caption`, `colour_mask_video`) is public: the synthetic preference components draw with it.
-Everything is a function of the seed; `generate_dataset` records the drawing version and options in
-``synth.json`` and `ensure_dataset` refuses a folder drawn by another version or with other options.
+Everything is a function of the seed and the pair index; `generate_dataset` records the drawing version and
+options in ``synth.json`` and `ensure_dataset` refuses a folder drawn by another version or with other options.
+`pair_truth` draws a pair's exact ground truth again from those (character silhouettes, the backgrounds of the
+target, the driving video and the reference, joints), for measurements against it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,14 @@ class SynthOptions:
     (records cycle through it); fps: frame rate written; seed: every pixel is a function of it.
     lossy: write the RGB videos as 4:2:0 H.264 (CRF 18) like real data; by default they are RGB-lossless,
     so decoded frames are exactly the drawn ones (the encoder may pick different bytes, never other pixels).
-    Masks are always lossless."""
+    Masks are always lossless.
+    first_index: index of the first pair (pairs ``first_index .. first_index + pairs - 1``; every pair is a
+    function of (seed, index), so sets of disjoint indices share no character, motion or background).
+    scene_references: separate reference images are drawn in a scene instead of over a plain wall: in
+    animation mode the reference character at rest in the target's scene (the background the output keeps), and
+    every replacement pair gets one, the reference character in another scene (so its background is not the
+    driving video's, which the output keeps). Then the environment switch of each mode can be measured.
+    Both are recorded in ``synth.json`` only when set, so folders drawn with the defaults keep their stamp."""
 
     pairs: int = 20
     frames: int = 17
@@ -87,10 +96,14 @@ class SynthOptions:
     fps: float = 16.0
     seed: int = 0
     lossy: bool = False
+    first_index: int = 0
+    scene_references: bool = False
 
     def __post_init__(self) -> None:
         if self.pairs < 1:
             raise ValueError(f"pairs {self.pairs} must be >= 1")
+        if self.first_index < 0:
+            raise ValueError(f"first_index {self.first_index} must be >= 0")
         if self.frames < 5 or (self.frames - 1) % 4:
             lo = max(5, (self.frames - 1) // 4 * 4 + 1)
             raise ValueError(f"frames {self.frames}; need 4k+1 >= 5 (e.g. {lo} or {lo + 4})")
@@ -477,15 +490,29 @@ def joints_at(
     return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index)]
 
 
-def make_pair(
-    out_dir: Path, index: int, height: int, width: int, frames: int, fps: float, seed: int, lossy: bool = False
-) -> MotionRecord:
-    """Draw and write every file of pair ``index``; return its record (paths absolute)."""
-    rgb = {"lossless": not lossy}
+@dataclass
+class _DrawnPair:
+    """Everything `make_pair` writes for one pair, drawn but not yet written (uint8 frames, bool masks)."""
+
+    plan: _PairPlan
+    real_cast: list[tuple[Character, Motion]]
+    order: list[int]
+    target: DrawnScene
+    target_background: np.ndarray  # (H, W, 3) float32 in [0, 255], the sign painted in
+    driving_background: np.ndarray  # (H, W, 3); the target's in replacement mode; black for pose renders
+    driving: tuple[np.ndarray, np.ndarray]  # frames (F, H, W, 3), masks (K, F, H, W)
+    aug: tuple[np.ndarray, np.ndarray] | None
+    reference_frame: int | None  # the target frame that is the reference, or None for a separate image
+    reference: np.ndarray  # (H, W, 3) uint8
+    reference_masks: np.ndarray  # (K, H, W) bool, visible part of each character in the reference
+    reference_background: np.ndarray  # (H, W, 3) float32, the reference's background
+    sign_mask: np.ndarray | None
+    caption: str
+
+
+def _draw_pair(index: int, height: int, width: int, frames: int, fps: float, seed: int, scene_references: bool = False) -> _DrawnPair:
     rng = np.random.default_rng([seed, index])
     plan = _plan(index, rng)
-    rid = f"{plan.source}_{index:05d}"
-    folder = out_dir / "pairs" / rid
     t = np.arange(frames) / fps
     scale = _cast_scale(plan)
     real_cast = _draw_real_cast(rng, plan)
@@ -502,9 +529,6 @@ def make_pair(
     sign_mask = _draw_sign(bg_real, np.random.default_rng([seed, index, 7])) if plan.sign else None
     real = _draw_scene(bg_real, real_cast, t)
     order = character_order(torch.from_numpy(real.masks), "x")
-    files: dict[str, Path] = {}
-    files["target"] = write_video(folder / "target.mp4", real.frames, fps, **rgb)
-    target_mask = colour_mask_video(real.masks, plan.mode, order)
 
     def synthetic(cast, background, shift):
         if plan.end_to_end:
@@ -513,36 +537,66 @@ def make_pair(
         thickness = 0.02 if shift == 0 else 0.03
         return _draw_skeleton(cast, t, height, width, thickness, shift)
 
-    video, masks = synthetic(synth_cast, bg_synth, 0)
+    driving = synthetic(synth_cast, bg_synth, 0)
+    aug = synthetic(aug_cast, bg_aug, 3) if plan.aug else None
+    separate = plan.image_reference or (scene_references and plan.mode == "replacement")
+    if separate:
+        # A separate reference image: the real character(s) at rest pose over a plain wall, or with
+        # scene_references in a scene (animation: the target's; replacement: another one).
+        wall = np.full((height, width, 3), rng.uniform(60, 200, 3), dtype=np.float32)
+        if scene_references:
+            scene = np.random.default_rng([seed, index, 11])
+            wall = bg_real if plan.mode == "animation" else random_background(scene, height, width)[0]
+        still = _draw_scene(wall, real_cast, np.zeros(1))
+        reference, reference_masks, reference_bg, reference_frame = still.frames[0], still.masks[:, 0], wall, None
+    else:
+        reference_frame = int(rng.integers(frames))
+        reference, reference_masks, reference_bg = real.frames[reference_frame], real.masks[:, reference_frame], bg_real
+    caption = scene_caption([c for c, _ in real_cast], _ACTIONS[int(rng.integers(len(_ACTIONS)))], bg_word, plan.close)
+    return _DrawnPair(
+        plan=plan, real_cast=real_cast, order=order, target=real, target_background=bg_real,
+        driving_background=bg_synth if plan.end_to_end else np.zeros_like(bg_synth), driving=driving, aug=aug, reference_frame=reference_frame, reference=reference,
+        reference_masks=reference_masks, reference_background=reference_bg, sign_mask=sign_mask, caption=caption,
+    )  # fmt: skip
+
+
+def make_pair(
+    out_dir: Path, index: int, height: int, width: int, frames: int, fps: float, seed: int, lossy: bool = False,
+    scene_references: bool = False,
+) -> MotionRecord:
+    """Draw and write every file of pair ``index``; return its record (paths absolute)."""
+    rgb = {"lossless": not lossy}
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references)
+    plan, order, real = drawn.plan, drawn.order, drawn.target
+    rid = f"{plan.source}_{index:05d}"
+    folder = out_dir / "pairs" / rid
+    files: dict[str, Path] = {}
+    files["target"] = write_video(folder / "target.mp4", real.frames, fps, **rgb)
+    video, masks = drawn.driving
     files["driving"] = write_video(folder / "driving.mp4", video, fps, **rgb)
     files["driving_mask"] = write_video(folder / "driving_mask.mp4", colour_mask_video(masks, plan.mode, order), fps, lossless=True)
-    if plan.aug:
-        video, masks = synthetic(aug_cast, bg_aug, 3)
+    if drawn.aug is not None:
+        video, masks = drawn.aug
         files["driving_aug"] = write_video(folder / "driving_aug.mp4", video, fps, **rgb)
         files["driving_mask_aug"] = write_video(
             folder / "driving_mask_aug.mp4", colour_mask_video(masks, plan.mode, order), fps, lossless=True
         )
-
-    if plan.image_reference:
-        # A separate reference image: the real character(s) at rest pose over a plain wall.
-        wall = np.full((height, width, 3), rng.uniform(60, 200, 3), dtype=np.float32)
-        still = _draw_scene(wall, real_cast, np.zeros(1))
-        files["reference"] = write_image(folder / "reference.png", still.frames[0])
-        ref_mask = colour_mask_video(still.masks, plan.mode, order, reference=True)[0]
+    ref_mask = colour_mask_video(drawn.reference_masks[:, None], plan.mode, order, reference=True)[0]
+    if drawn.reference_frame is None:
+        files["reference"] = write_image(folder / "reference.png", drawn.reference)
         reference: int | Path = files["reference"]
     else:
-        ref_index = int(rng.integers(frames))
-        files["target_mask"] = write_video(folder / "target_mask.mp4", target_mask, fps, lossless=True)
-        ref_mask = colour_mask_video(real.masks[:, ref_index : ref_index + 1], plan.mode, order, reference=True)[0]
-        reference = ref_index
+        reference = drawn.reference_frame
+    if drawn.reference_frame is not None or plan.mode == "replacement":
+        files["target_mask"] = write_video(folder / "target_mask.mp4", colour_mask_video(real.masks, plan.mode, order), fps, lossless=True)
     files["reference_mask"] = write_image(folder / "reference_mask.png", ref_mask)
     ocr = None
-    if sign_mask is not None:
-        sign_video = np.repeat(sign_mask[None], frames, axis=0)
+    if drawn.sign_mask is not None:
+        sign_video = np.repeat(drawn.sign_mask[None], frames, axis=0)
         files["ocr"] = write_video(folder / "ocr_mask.mp4", _to_rgb_u8(sign_video), fps, lossless=True)
         ocr = Regions(video=files["ocr"])
 
-    has_hands = any(c.hand_colour is not None for c, _ in real_cast)
+    has_hands = any(c.hand_colour is not None for c, _ in drawn.real_cast)
     return MotionRecord(
         id=rid,
         source=plan.source,
@@ -553,7 +607,7 @@ def make_pair(
         driving_mask=files["driving_mask"],
         reference_mask=files["reference_mask"],
         fps=fps,
-        caption=scene_caption([c for c, _ in real_cast], _ACTIONS[int(rng.integers(len(_ACTIONS)))], bg_word, plan.close),
+        caption=drawn.caption,
         end_to_end=plan.end_to_end,
         history_allowed=plan.history_allowed,
         hands=Regions(boxes=real.hands) if has_hands else None,
@@ -569,9 +623,69 @@ def make_pair(
     )
 
 
+@dataclass
+class PairTruth:
+    """The exact ground truth of one synthetic pair (`pair_truth`); masks are the visible part of each
+    character (K characters, back to front), backgrounds (H, W, 3) float32 in [0, 255] as drawn (before any
+    character), joints as `target_joints`."""
+
+    index: int
+    source: str
+    mode: str
+    end_to_end: bool
+    masks: np.ndarray  # (K, F, H, W) bool: the target's characters
+    reference_masks: np.ndarray  # (K, H, W) bool: the characters in the reference
+    reference_frame: int | None  # the target frame used as the reference (None: a separate image)
+    target_background: np.ndarray
+    driving_background: np.ndarray  # the driving video's (the target's in replacement mode; black for pose renders)
+    reference_background: np.ndarray
+    joints: list[dict[str, np.ndarray]]  # per character: `JOINTS` -> (F, 2) pixel (x, y)
+    characters: list[Character]
+
+    @property
+    def kept_background(self) -> np.ndarray:
+        """The background the output keeps: the reference's in animation mode, the driving video's in
+        replacement mode (SPEC: the environment switch)."""
+        return self.driving_background if self.mode == "replacement" else self.reference_background
+
+    @property
+    def other_background(self) -> np.ndarray:
+        """The background the output must not take (the other input's)."""
+        return self.reference_background if self.mode == "replacement" else self.driving_background
+
+
+def pair_truth(
+    seed: int, index: int, frames: int, fps: float, height: int, width: int, scene_references: bool = False
+) -> PairTruth:
+    """The ground truth of pair ``index`` of a dataset drawn with ``seed`` and these settings (drawn again, the
+    same way `make_pair` draws it; nothing is read from disk)."""
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references)
+    t = np.arange(frames) / fps
+    return PairTruth(
+        index=index, source=drawn.plan.source, mode=drawn.plan.mode, end_to_end=drawn.plan.end_to_end,
+        masks=drawn.target.masks, reference_masks=drawn.reference_masks, reference_frame=drawn.reference_frame,
+        target_background=drawn.target_background, driving_background=drawn.driving_background,
+        reference_background=drawn.reference_background,
+        joints=[pose_joints(m, c, t, height, width) for c, m in drawn.real_cast],
+        characters=[c for c, _ in drawn.real_cast],
+    )  # fmt: skip
+
+
+def pair_index(record_id: str) -> int:
+    """The pair index of a synthetic record id (``<source>_<index>``, as `make_pair` names it)."""
+    tail = record_id.rsplit("_", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"{record_id!r} is not a synthetic record id (<source>_<index>, e.g. scail_animation_00003)")
+    return int(tail)
+
+
 def _stamp(options: SynthOptions) -> dict:
     fields_ = asdict(options)
     fields_["sizes"] = [list(size) for size in options.sizes]
+    # Recorded only when set, so that folders drawn before these options existed keep their stamp.
+    for name in ("first_index", "scene_references"):
+        if fields_[name] == SynthOptions.__dataclass_fields__[name].default:
+            del fields_[name]
     return {"version": SYNTH_VERSION, **fields_}
 
 
@@ -584,7 +698,10 @@ def generate_dataset(out_dir: str | Path, options: SynthOptions | None = None) -
     records = []
     for i in range(options.pairs):
         height, width = options.sizes[i % len(options.sizes)]
-        records.append(make_pair(out, i, height, width, options.frames, options.fps, options.seed, options.lossy))
+        index = options.first_index + i
+        records.append(
+            make_pair(out, index, height, width, options.frames, options.fps, options.seed, options.lossy, options.scene_references)
+        )
     manifest = write_manifest(out / "manifest.jsonl", records)
     (out / SYNTH_STAMP).write_text(json.dumps(_stamp(options), indent=1) + "\n")  # last: marks a complete dataset
     return manifest

@@ -7,6 +7,8 @@ use (`SyntheticDataModule` for pretraining, `SyntheticPreferenceDataModule` for 
     <root>/encoders/  tiny VAE / umT5 / CLIP in the Wan2.1-I2V folder layout (`scail2.encoders.tiny`): random
                       umT5 / CLIP and, by ``vae``, the random VAE or the shipped one trained on this domain
     <root>/cache/     the latent cache of the videos through those encoders (`scail2.data.cache`)
+    <root>/heldout/   with ``heldout_pairs``: held-out pairs from indices no training set uses, for the motion
+                      benchmark (`scail2.bench.synthetic_motion`); videos and manifest only, not cached
 
 and training reads the cache like any other (`MotionDataModule`). Everything is a function of the seeds, so
 the same settings give the same data; an interrupted preparation resumes where it stopped.
@@ -23,6 +25,9 @@ from scail2.data.datamodule import MotionDataModule
 from scail2.preference.datamodule import PreferenceDataModule
 
 log = logging.getLogger(__name__)
+
+# First pair index of `SyntheticDataModule`'s held-out set: no training set reaches it (pairs are limited to it).
+HELDOUT_FIRST_INDEX = 1_000_000
 
 # The synthetic sources, grouped by their sampling class, in the paper's 60 / 20 / 20 mix.
 SYNTHETIC_WEIGHTS: dict[str, float] = {"animation": 0.6, "replacement": 0.2, "pose": 0.2}
@@ -55,6 +60,12 @@ class SyntheticDataModule(MotionDataModule):
             pictures); `scail2.encoders.tiny.VAE_KINDS`.
         batch_size, num_workers, samples_per_epoch, seed: as `MotionDataModule`.
         weights: sampling weights per source class (default: the paper's mix).
+        heldout_pairs: pairs of a held-out set (0: none), written to ``<root>/heldout/`` (videos and manifest,
+            not cached: it is read through the inference path, `scail2.bench.synthetic_motion`). They take the
+            indices from `HELDOUT_FIRST_INDEX` on, which no training set reaches, so their characters, motions
+            and backgrounds are not in the training pairs, and separate references are drawn in a scene
+            (`SynthOptions.scene_references`). Its ``synth.json`` records these settings; a held-out folder
+            drawn with others is refused. ``heldout_manifest`` is its manifest.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class SyntheticDataModule(MotionDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         weights: dict[str, float] | None = None,
+        heldout_pairs: int = 0,
     ):
         self.root = Path(root)
         super().__init__(
@@ -85,6 +97,21 @@ class SyntheticDataModule(MotionDataModule):
         from scail2.data.synth import SynthOptions
 
         self.synth = SynthOptions(pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed)
+        if heldout_pairs < 0:
+            raise ValueError(f"heldout_pairs is {heldout_pairs}; use 0 (no held-out set) or a positive count")
+        if pairs > HELDOUT_FIRST_INDEX:
+            raise ValueError(
+                f"pairs={pairs} would reach the held-out indices (from {HELDOUT_FIRST_INDEX}); use at most "
+                f"{HELDOUT_FIRST_INDEX} training pairs"
+            )
+        self.heldout = (
+            SynthOptions(
+                pairs=heldout_pairs, frames=frames, sizes=((height, width),), seed=data_seed,
+                first_index=HELDOUT_FIRST_INDEX, scene_references=True,
+            )  # fmt: skip
+            if heldout_pairs
+            else None
+        )
         from scail2.encoders.tiny import check_vae_kind
 
         check_vae_kind(vae)
@@ -92,9 +119,20 @@ class SyntheticDataModule(MotionDataModule):
         self.vae = vae
         self.encoders_dir = self.root / "encoders"
 
+    @property
+    def heldout_manifest(self) -> Path | None:
+        """The held-out pairs' manifest (written by `prepare_data`); None without a held-out set."""
+        return self.root / "heldout" / "manifest.jsonl" if self.heldout is not None else None
+
     def prepare_data(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed, self.vae)
+        if self.heldout is not None:
+            from scail2.data.synth import SYNTH_STAMP, ensure_dataset
+
+            if not (self.root / "heldout" / SYNTH_STAMP).exists():
+                log.info("writing %d held-out synthetic pairs to %s", self.heldout.pairs, self.root / "heldout")
+            ensure_dataset(self.root / "heldout", self.heldout)  # refuses a held-out set drawn with other settings
         if not self._cache_complete(manifest):
             self._build_cache(manifest)
 

@@ -25,6 +25,7 @@ import torch
 
 from scail2.data.batch import PreferenceBatch
 from scail2.lit.evaluation import Evaluation, model_in_eval
+from scail2.utils.stats import mean_se
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +144,12 @@ class HeldOutPreferences(Evaluation):
                     margin += float(out.reward_margin) * b
                     n += b
                 per_pair.append(acc / h.draws)
-            accuracy, se = mean_and_se(torch.cat(per_pair))
+            accuracy = mean_se(torch.cat(per_pair).tolist())
             metrics.update({
-                f"{name}/implicit_accuracy": accuracy, f"{name}/implicit_accuracy_se": se,
+                f"{name}/implicit_accuracy": accuracy["mean"], f"{name}/implicit_accuracy_se": accuracy["se"],
                 f"{name}/dpo_loss": loss / n, f"{name}/reward_margin": margin / n,
             })  # fmt: skip
         return metrics
-
-
-def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
-    """The mean of per-pair values (n,) and its standard error over the pairs, sd / sqrt(n) with the sample
-    standard deviation (n - 1 in its denominator); the error is NaN for a single pair."""
-    v = values.double().flatten()
-    if v.numel() == 0:
-        raise ValueError("mean_and_se needs at least one value")
-    se = float(v.std(unbiased=True) / v.numel() ** 0.5) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
 
 
 class HeldOutHands(Evaluation):
@@ -233,7 +224,8 @@ class HeldOutHands(Evaluation):
     def run(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         import json
 
-        from scail2.bench.synthetic_hands import format_hand_report, heldout_batches, json_safe, load_hand_cases, sample_pairs, score_hands
+        from scail2.bench.synthetic_hands import format_hand_report, heldout_batches, load_hand_cases, sample_pairs, score_hands
+        from scail2.utils.stats import json_safe
         from scail2.lora import adapters_disabled
         from scail2.models import load_transformer
 

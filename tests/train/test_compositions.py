@@ -115,6 +115,8 @@ def _own_settings(experiment: str, group: str, option: str | None = None) -> dic
     node = OmegaConf.to_container(OmegaConf.load(path))
     settings = _flat(node)
     for entry in node.get("defaults", []):  # `- /experiment_<group>/<experiment>@_global_: <option>`
+        if entry == "_self_" or not next(iter(entry)).startswith("/experiment_"):
+            continue  # `_self_`, or the schema of a node the file adds (`- /schema@<key>: <target>`)
         (option,) = entry.values()
         settings = {**_flat(OmegaConf.to_container(OmegaConf.load(path.with_name(f"{option}.yaml")))), **settings}
     return settings
