@@ -220,8 +220,21 @@ def test_callback_without_heldout_pairs_is_skipped_and_says_so(tmp_path):
     cb = MotionBenchmark(str(tmp_path / "bench"))
     trainer = SimpleNamespace(fast_dev_run=False, world_size=1, global_rank=0, datamodule=SimpleNamespace(heldout_manifest=None))
     cb.on_train_start(trainer, SimpleNamespace(global_step=0, init_from=None))
-    cb.on_train_end(trainer, None)
+    cb.on_fit_end(trainer, None)
     assert not cb.history and not (tmp_path / "bench").exists()
     assert cb.summary_lines() == [
         "Held-out synthetic pairs: motion benchmark not run: the data has no held-out pairs (data=synthetic with data.heldout_pairs > 0)."
     ]
+
+
+def test_callback_in_a_run_of_several_processes_is_skipped_and_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from scail2.lit.benchmark import MotionBenchmark
+
+    cb = MotionBenchmark(str(tmp_path / "bench"))
+    trainer = SimpleNamespace(fast_dev_run=False, world_size=2, global_rank=1, datamodule=SimpleNamespace(heldout_manifest=tmp_path / "m.jsonl"))
+    cb.on_fit_end(trainer, None)
+    assert cb.skipped == "not run: it samples in one process, and this run has 2"
+    assert not cb.history and not (tmp_path / "bench").exists()
+    assert any("not run: it samples in one process" in line for line in cb.summary_lines())

@@ -89,14 +89,14 @@ class MotionBenchmark(Evaluation):
             # Weights loaded at the start cannot be rebuilt from the factory: keep a copy of them.
             self._start = copy.deepcopy(pl_module.net).cpu().eval()
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # After every on_train_end: the export and the last checkpoint are written before the benchmark runs,
+        # so an error here loses neither.
         if trainer.fast_dev_run or self.skipped is not None:
             return
-        if trainer.world_size > 1:
-            # A sharded network cannot sample on one rank alone; benchmark its export instead.
-            self.skipped = f"not run: it samples in one process, and this run has {trainer.world_size}"
-            if trainer.global_rank == 0:
-                log.warning("motion benchmark %s", self.skipped)
+        # A sharded network cannot sample on one rank alone; benchmark its export instead.
+        self.skipped = self.one_process_only(trainer, "motion benchmark")
+        if self.skipped is not None:
             return
         with self.timed():
             self.history.append(self.run(trainer, pl_module))

@@ -48,6 +48,17 @@ class Evaluation(Callback):
             self.seconds += time.perf_counter() - start
 
     @staticmethod
+    def one_process_only(trainer: Any, what: str) -> str | None:
+        """For evaluations that sample the whole network on one rank: None in a one-process run; in a run of
+        more processes, why ``what`` is not run (warned once, on rank 0), for the caller to keep and report."""
+        if trainer.world_size <= 1:
+            return None
+        why = f"not run: it samples in one process, and this run has {trainer.world_size}"
+        if trainer.global_rank == 0:
+            log.warning("%s %s", what, why)
+        return why
+
+    @staticmethod
     def publish(trainer: Any, what: str, metrics: dict[str, float]) -> None:
         """On global rank 0: a log line ``<what> at step N: ...`` and ``metrics`` to every logger at this step."""
         if trainer.global_rank != 0:

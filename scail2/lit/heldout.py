@@ -213,10 +213,8 @@ class HeldOutHands(Evaluation):
         # so an error here loses neither.
         if trainer.fast_dev_run or trainer.global_step == 0:
             return
-        if trainer.world_size > 1:
-            self.skipped = f"not run: it samples in one process, and this run has {trainer.world_size}"
-            if trainer.global_rank == 0:
-                log.warning("held-out hands %s", self.skipped)
+        self.skipped = self.one_process_only(trainer, "held-out hands")
+        if self.skipped is not None:
             return
         with self.timed():
             self.results = self.run(trainer, pl_module)
