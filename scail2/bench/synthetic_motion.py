@@ -113,7 +113,10 @@ def load_cases(folder: str | Path, max_cases: int | None = None) -> list[MotionC
             break
         target = read_video(record.target)
         f, h, w = target.shape[:3]
-        truth = pair_truth(stamp["seed"], pair_index(record.id), f, stamp["fps"], h, w, stamp.get("scene_references", False))
+        truth = pair_truth(
+            stamp["seed"], pair_index(record.id), f, stamp["fps"], h, w, stamp.get("scene_references", False),
+            stamp.get("travel", 0.0),
+        )  # fmt: skip
         reference = target[record.reference] if isinstance(record.reference, int) else read_image(record.reference)
         cases.append(
             MotionCase(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,11 @@ from scail2.data.video import write_image, write_video
 # background of the mode (white in animation mode); version 1 drew every reference mask on black.
 SYNTH_VERSION = 2
 SYNTH_STAMP = "synth.json"
+
+# `SynthOptions.travel`: the largest root speed (widths per second) and the time (s) at which a travelling root
+# passes its drawn position (the middle of a 17-frame clip at 16 fps).
+MAX_TRAVEL = 0.5
+TRAVEL_MIDPOINT_S = 0.5
 
 SYNTH_SOURCES: tuple[str, ...] = (
     "scail_animation",
@@ -88,7 +93,12 @@ class SynthOptions:
     animation mode the reference character at rest in the target's scene (the background the output keeps), and
     every replacement pair gets one, the reference character in another scene (so its background is not the
     driving video's, which the output keeps). Then the environment switch of each mode can be measured.
-    Both are recorded in ``synth.json`` only when set, so folders drawn with the defaults keep their stamp."""
+    travel: the characters walk across the frame: each pair's cast moves its root by up to ``travel`` of the
+    width per second (speed uniform in [travel / 2, travel], one direction per pair, passing its drawn position at
+    half a second), drawn from a stream of its own, so 0 (the default) draws exactly what it drew before. The
+    driving video's characters perform the same motion, so where the target's characters are in each frame is
+    in the driving video, and a still reference drifts away from it.
+    These are recorded in ``synth.json`` only when set, so folders drawn with the defaults keep their stamp."""
 
     pairs: int = 20
     frames: int = 17
@@ -98,12 +108,15 @@ class SynthOptions:
     lossy: bool = False
     first_index: int = 0
     scene_references: bool = False
+    travel: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pairs < 1:
             raise ValueError(f"pairs {self.pairs} must be >= 1")
         if self.first_index < 0:
             raise ValueError(f"first_index {self.first_index} must be >= 0")
+        if not 0.0 <= self.travel <= MAX_TRAVEL:
+            raise ValueError(f"travel {self.travel} must be in [0, {MAX_TRAVEL}] (widths per second)")
         if self.frames < 5 or (self.frames - 1) % 4:
             lo = max(5, (self.frames - 1) // 4 * 4 + 1)
             raise ValueError(f"frames {self.frames}; need 4k+1 >= 5 (e.g. {lo} or {lo + 4})")
@@ -135,6 +148,7 @@ class Motion:
     sway: tuple[float, float, float]  # amplitude (fraction of width), frequency (Hz), phase
     bob: tuple[float, float]  # amplitude (fraction of height), frequency (Hz)
     joints: np.ndarray  # (8, 4): base, amplitude, frequency, phase of lean, shoulders, elbows, hips, knees
+    velocity: float = 0.0  # travel of the root in widths per second, through x0 at t = TRAVEL_MIDPOINT_S
 
 
 def random_character(rng: np.random.Generator, scale: tuple[float, float], exclude: Sequence[str] = ()) -> Character:
@@ -188,7 +202,7 @@ def pose_joints(motion: Motion, character: Character, t: np.ndarray, height: int
     angles = motion.joints[:, 0:1] + motion.joints[:, 1:2] * np.sin(2 * math.pi * motion.joints[:, 2:3] * t + motion.joints[:, 3:4])
     lean, sh_l, sh_r, el_l, el_r, hip, kn_l, kn_r = angles
     amp, freq, phase = motion.sway
-    x = (motion.x0 + amp * np.sin(2 * math.pi * freq * t + phase)) * width
+    x = (motion.x0 + amp * np.sin(2 * math.pi * freq * t + phase) + motion.velocity * (t - TRAVEL_MIDPOINT_S)) * width
     y = motion.y0 * height + motion.bob[0] * height * np.sin(2 * math.pi * motion.bob[1] * t)
     pelvis = np.stack([x, y], axis=-1)
     up = -_direction(lean)  # the torso points up from the pelvis
@@ -468,26 +482,36 @@ def _draw_real_cast(rng: np.random.Generator, plan: _PairPlan) -> list[tuple[Cha
     return [(random_character(rng, _cast_scale(plan)), m) for m in motions]
 
 
-def target_cast(seed: int, index: int) -> list[tuple[Character, Motion]]:
-    """The cast of the target video of pair ``index`` of a dataset generated with ``seed`` (no drawing)."""
+def _with_travel(cast: list[tuple[Character, Motion]], seed: int, index: int, travel: float) -> list[tuple[Character, Motion]]:
+    """The cast with its roots travelling (`SynthOptions.travel`), drawn from the pair's own travel stream."""
+    if travel == 0.0:
+        return cast
+    rng = np.random.default_rng([seed, index, 13])
+    velocity = float(rng.uniform(travel / 2, travel)) * (1.0 if rng.random() < 0.5 else -1.0)
+    return [(c, replace(m, velocity=velocity)) for c, m in cast]
+
+
+def target_cast(seed: int, index: int, travel: float = 0.0) -> list[tuple[Character, Motion]]:
+    """The cast of the target video of pair ``index`` of a dataset generated with ``seed`` (and ``travel``; no
+    drawing)."""
     rng = np.random.default_rng([seed, index])
-    return _draw_real_cast(rng, _plan(index, rng))
+    return _with_travel(_draw_real_cast(rng, _plan(index, rng)), seed, index, travel)
 
 
 def target_joints(
-    seed: int, index: int, frames: int, fps: float, height: int, width: int
+    seed: int, index: int, frames: int, fps: float, height: int, width: int, travel: float = 0.0
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Per character of pair ``index``'s target video: its appearance and joints (`JOINTS` -> (F, 2) pixels)."""
     t = np.arange(frames) / fps
-    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index)]
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel)]
 
 
 def joints_at(
-    seed: int, index: int, times: Sequence[float], height: int, width: int
+    seed: int, index: int, times: Sequence[float], height: int, width: int, travel: float = 0.0
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Like `target_joints`, at given times in seconds (e.g. the source frames of a clip cut from the video)."""
     t = np.asarray(times, dtype=np.float64)
-    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index)]
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel)]
 
 
 @dataclass
@@ -510,12 +534,15 @@ class _DrawnPair:
     caption: str
 
 
-def _draw_pair(index: int, height: int, width: int, frames: int, fps: float, seed: int, scene_references: bool = False) -> _DrawnPair:
+def _draw_pair(
+    index: int, height: int, width: int, frames: int, fps: float, seed: int, scene_references: bool = False,
+    travel: float = 0.0,
+) -> _DrawnPair:
     rng = np.random.default_rng([seed, index])
     plan = _plan(index, rng)
     t = np.arange(frames) / fps
     scale = _cast_scale(plan)
-    real_cast = _draw_real_cast(rng, plan)
+    real_cast = _with_travel(_draw_real_cast(rng, plan), seed, index, travel)  # the driving cast moves the same way
     # The synthetic character differs in colour from the real one it replaces.
     synth_cast = [(random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
     aug_cast = [(random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
@@ -562,11 +589,11 @@ def _draw_pair(index: int, height: int, width: int, frames: int, fps: float, see
 
 def make_pair(
     out_dir: Path, index: int, height: int, width: int, frames: int, fps: float, seed: int, lossy: bool = False,
-    scene_references: bool = False,
+    scene_references: bool = False, travel: float = 0.0,
 ) -> MotionRecord:
     """Draw and write every file of pair ``index``; return its record (paths absolute)."""
     rgb = {"lossless": not lossy}
-    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references)
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel)
     plan, order, real = drawn.plan, drawn.order, drawn.target
     rid = f"{plan.source}_{index:05d}"
     folder = out_dir / "pairs" / rid
@@ -655,11 +682,12 @@ class PairTruth:
 
 
 def pair_truth(
-    seed: int, index: int, frames: int, fps: float, height: int, width: int, scene_references: bool = False
+    seed: int, index: int, frames: int, fps: float, height: int, width: int, scene_references: bool = False,
+    travel: float = 0.0,
 ) -> PairTruth:
     """The ground truth of pair ``index`` of a dataset drawn with ``seed`` and these settings (drawn again, the
     same way `make_pair` draws it; nothing is read from disk)."""
-    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references)
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel)
     t = np.arange(frames) / fps
     return PairTruth(
         index=index, source=drawn.plan.source, mode=drawn.plan.mode, end_to_end=drawn.plan.end_to_end,
@@ -683,7 +711,7 @@ def _stamp(options: SynthOptions) -> dict:
     fields_ = asdict(options)
     fields_["sizes"] = [list(size) for size in options.sizes]
     # Recorded only when set, so that folders drawn before these options existed keep their stamp.
-    for name in ("first_index", "scene_references"):
+    for name in ("first_index", "scene_references", "travel"):
         if fields_[name] == SynthOptions.__dataclass_fields__[name].default:
             del fields_[name]
     return {"version": SYNTH_VERSION, **fields_}
@@ -700,7 +728,10 @@ def generate_dataset(out_dir: str | Path, options: SynthOptions | None = None) -
         height, width = options.sizes[i % len(options.sizes)]
         index = options.first_index + i
         records.append(
-            make_pair(out, index, height, width, options.frames, options.fps, options.seed, options.lossy, options.scene_references)
+            make_pair(
+                out, index, height, width, options.frames, options.fps, options.seed, options.lossy,
+                options.scene_references, options.travel,
+            )  # fmt: skip
         )
     manifest = write_manifest(out / "manifest.jsonl", records)
     (out / SYNTH_STAMP).write_text(json.dumps(_stamp(options), indent=1) + "\n")  # last: marks a complete dataset

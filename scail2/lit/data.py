@@ -66,6 +66,11 @@ class SyntheticDataModule(MotionDataModule):
             and backgrounds are not in the training pairs, and separate references are drawn in a scene
             (`SynthOptions.scene_references`). Its ``synth.json`` records these settings; a held-out folder
             drawn with others is refused. ``heldout_manifest`` is its manifest.
+        scene_references: draw the training pairs' separate references in a scene too, as the held-out pairs'
+            (`SynthOptions.scene_references`): every replacement pair then has a reference from another scene, so
+            its background can only come from the driving video.
+        travel: the characters of the training and the held-out pairs walk across the frame
+            (`SynthOptions.travel`, widths per second; 0: they sway in place).
     """
 
     def __init__(
@@ -84,6 +89,8 @@ class SyntheticDataModule(MotionDataModule):
         seed: int = 0,
         weights: dict[str, float] | None = None,
         heldout_pairs: int = 0,
+        scene_references: bool = False,
+        travel: float = 0.0,
     ):
         self.root = Path(root)
         super().__init__(
@@ -96,7 +103,10 @@ class SyntheticDataModule(MotionDataModule):
         )
         from scail2.data.synth import SynthOptions
 
-        self.synth = SynthOptions(pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed)
+        self.synth = SynthOptions(
+            pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed, scene_references=scene_references,
+            travel=travel,
+        )
         if heldout_pairs < 0:
             raise ValueError(f"heldout_pairs is {heldout_pairs}; use 0 (no held-out set) or a positive count")
         if pairs > HELDOUT_FIRST_INDEX:
@@ -107,7 +117,7 @@ class SyntheticDataModule(MotionDataModule):
         self.heldout = (
             SynthOptions(
                 pairs=heldout_pairs, frames=frames, sizes=((height, width),), seed=data_seed,
-                first_index=HELDOUT_FIRST_INDEX, scene_references=True,
+                first_index=HELDOUT_FIRST_INDEX, scene_references=True, travel=travel,
             )  # fmt: skip
             if heldout_pairs
             else None

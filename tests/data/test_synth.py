@@ -108,6 +108,49 @@ def test_options_are_checked():
         SynthOptions(frames=16)
     with pytest.raises(ValueError, match="multiples of 32"):
         SynthOptions(sizes=((60, 64),))
+    with pytest.raises(ValueError, match=r"travel 0.6 must be in \[0, 0.5\]"):
+        SynthOptions(travel=0.6)
+
+
+def test_travel_moves_target_and_driving_characters_alike(tmp_path):
+    from scail2.data.synth import TRAVEL_MIDPOINT_S, pair_truth, target_joints
+
+    frames, size, fps = 17, 64, 16.0
+    t = np.arange(frames) / fps
+    for index in range(5):  # every source: one character, several, the skeleton render
+        still = target_joints(0, index, frames, fps, size, size)
+        moving = target_joints(0, index, frames, fps, size, size, travel=0.4)
+        shifts = [m["pelvis"][:, 0] - s["pelvis"][:, 0] for (_, s), (_, m) in zip(still, moving)]
+        velocity = shifts[0][-1] / ((t[-1] - TRAVEL_MIDPOINT_S) * size)
+        assert 0.2 - 1e-9 <= abs(velocity) <= 0.4 + 1e-9
+        for shift in shifts:  # one straight line for the whole cast, through the drawn position at the midpoint
+            np.testing.assert_allclose(shift, velocity * (t - TRAVEL_MIDPOINT_S) * size, atol=1e-9)
+        for (_, s), (_, m) in zip(still, moving):  # only the root's x moves
+            np.testing.assert_array_equal(m["pelvis"][:, 1], s["pelvis"][:, 1])
+        truth = pair_truth(0, index, frames, fps, size, size, travel=0.4)
+        np.testing.assert_array_equal(truth.joints[0]["pelvis"], moving[0][1]["pelvis"])
+
+    # Written pairs: the target's and the driving video's characters travel the same way, the drawing of
+    # everything else (backgrounds, colours, captions) is the one without travel.
+    still = generate_dataset(tmp_path / "still", SynthOptions(pairs=2, frames=frames, seed=0))
+    moving = generate_dataset(tmp_path / "moving", SynthOptions(pairs=2, frames=frames, seed=0, travel=0.4))
+    assert json.loads((tmp_path / "moving" / SYNTH_STAMP).read_text())["travel"] == 0.4
+    assert "travel" not in json.loads((tmp_path / "still" / SYNTH_STAMP).read_text())
+    for a, b in zip(load_manifest(still), load_manifest(moving)):
+        assert a.caption == b.caption
+        truth = pair_truth(0, int(b.id.rsplit("_", 1)[1]), frames, fps, size, size, travel=0.4)
+
+        def centre_x(mask_video):  # the mean x of non-background mask pixels per frame
+            on = (np.abs(mask_video.astype(int) - mask_video[0, 0, 0].astype(int)).sum(-1) > 0)
+            xs = np.arange(size)[None, None, :]
+            return (on * xs).sum((1, 2)) / on.sum((1, 2))
+
+        target_x = truth.masks.any(0).astype(float)
+        target_x = (target_x * np.arange(size)).sum((1, 2)) / target_x.sum((1, 2))
+        driving_x = centre_x(read_video(b.driving_mask))
+        drift = target_x[-1] - target_x[0]
+        assert abs(drift) > 0.15 * size  # the character crosses a good part of the frame
+        assert abs((driving_x[-1] - driving_x[0]) - drift) < 0.1 * size  # and the driving one follows it
 
 
 def test_cli_synth_validate_cache(tmp_path, capsys):
