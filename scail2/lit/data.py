@@ -71,6 +71,8 @@ class SyntheticDataModule(MotionDataModule):
             its background can only come from the driving video.
         travel: the characters of the training and the held-out pairs walk across the frame
             (`SynthOptions.travel`, widths per second; 0: they sway in place).
+            The default ``data.root`` does not name these two settings: videos drawn with other values are refused
+            with what to delete, so give such runs their own ``data.root``.
     """
 
     def __init__(
