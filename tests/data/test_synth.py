@@ -151,6 +151,11 @@ def test_travel_moves_target_and_driving_characters_alike(tmp_path):
         drift = target_x[-1] - target_x[0]
         assert abs(drift) > 0.15 * size  # the character crosses a good part of the frame
         assert abs((driving_x[-1] - driving_x[0]) - drift) < 0.1 * size  # and the driving one follows it
+        if b.target_mask is not None:  # the written target moves as its ground truth says
+            written_x = centre_x(read_video(b.target_mask))
+            assert abs((written_x[-1] - written_x[0]) - drift) < 0.1 * size
+        assert not np.array_equal(read_video(a.target), read_video(b.target))
+    assert any(r.target_mask is not None for r in load_manifest(moving))
 
 
 def test_cli_synth_validate_cache(tmp_path, capsys):
