@@ -238,3 +238,51 @@ def test_callback_in_a_run_of_several_processes_is_skipped_and_says_so(tmp_path)
     assert cb.skipped == "not run: it samples in one process, and this run has 2"
     assert not cb.history and not (tmp_path / "bench").exists()
     assert any("not run: it samples in one process" in line for line in cb.summary_lines())
+
+
+def _bench_runner():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_synthetic_motion.py"
+    spec = importlib.util.spec_from_file_location("bench_synthetic_motion", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_copy_driving_diagnostic_makes_every_target_its_driving_video(tmp_path):
+    """The runner's --copy-driving: after it, every training and held-out target file is its pair's driving video,
+    the old cache is gone and the next preparation caches the driving video as the target; without held-out pairs
+    it refuses."""
+    import torch
+
+    from scail2.config import compose_config, instantiate
+    from scail2.bench.synthetic_motion import encode_frames
+    from scail2.data.cache import CacheIndex
+    from scail2.data.video import read_video
+    from scail2.encoders.bundle import Encoders
+
+    from tests.train.conftest import train_overrides
+
+    runner = _bench_runner()
+    cfg = compose_config(train_overrides(tmp_path / "data", tmp_path / "out", "data.heldout_pairs=4", "data.pairs=3"))
+    runner.copy_driving_into_targets(cfg)
+    dm = instantiate(cfg.data, "data")
+    root = dm.root
+    folders = sorted((root / "videos" / "pairs").iterdir()) + sorted((root / "heldout" / "pairs").iterdir())
+    assert len(folders) == 3 + 4
+    for folder in folders:
+        assert (folder / "target.mp4").read_bytes() == (folder / "driving.mp4").read_bytes()
+    assert not (root / "cache").exists()
+    assert all((c.target == c.driving).all() for c in load_cases(root / "heldout"))
+    dm.prepare_data()
+    index = CacheIndex.load(root / "cache")
+    assert len(index.samples) == 3
+    vae = Encoders.from_pretrained(root / "encoders").vae
+    for entry in index.samples:
+        cached = index.read_sample(entry, swap=False)
+        driving = read_video(root / "videos" / "pairs" / cached.id / "driving.mp4")
+        torch.testing.assert_close(cached.latents, encode_frames(vae, driving)[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit, match="heldout_pairs"):
+        runner.copy_driving_into_targets(compose_config(train_overrides(tmp_path / "d2", tmp_path / "o2", "data.heldout_pairs=0")))
