@@ -83,21 +83,20 @@ def main() -> None:
 
 
 def copy_driving_into_targets(cfg) -> None:
-    """Write the data of ``cfg.data`` (a `SyntheticDataModule` with held-out pairs), then overwrite every pair's
-    target with its driving video and drop the latent cache, which the run then builds from the new targets.
-    Only the runner's own work folder is changed (it starts fresh unless ``--keep``; a second pass is a no-op
-    apart from rebuilding the cache)."""
+    """Write the videos of ``cfg.data`` (a `SyntheticDataModule` with held-out pairs; `prepare_videos`, no cache),
+    then overwrite every pair's target with its driving video and drop any latent cache, which the run then builds
+    from the new targets. Only the runner's own work folder is changed (it starts fresh unless ``--keep``)."""
     from scail2.config import instantiate
 
     datamodule = instantiate(cfg.data, "data")
-    if not hasattr(datamodule, "heldout_manifest") or datamodule.heldout_manifest is None:
+    if not hasattr(datamodule, "prepare_videos") or datamodule.heldout_manifest is None:
         raise SystemExit("--copy-driving needs data=synthetic with data.heldout_pairs > 0")
-    datamodule.prepare_data()
+    datamodule.prepare_videos()
     root = Path(datamodule.root)
     folders = sorted((root / "videos" / "pairs").iterdir()) + sorted((root / "heldout" / "pairs").iterdir())
     for folder in folders:
         shutil.copyfile(folder / "driving.mp4", folder / "target.mp4")
-    shutil.rmtree(root / "cache")
+    shutil.rmtree(root / "cache", ignore_errors=True)  # a --keep run's cache holds the old targets
     print(f"copy-driving: the targets of {len(folders)} pairs under {root} are now their driving videos", flush=True)
 
 

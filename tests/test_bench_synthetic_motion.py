@@ -253,12 +253,12 @@ def _bench_runner():
 
 def test_copy_driving_diagnostic_makes_every_target_its_driving_video(tmp_path):
     """The runner's --copy-driving: after it, every training and held-out target file is its pair's driving video,
-    the old cache is gone and the next preparation caches the driving video as the target; without held-out pairs
-    it refuses."""
+    no cache of the old targets exists and the next preparation caches the driving video as the target (not the
+    drawn target); without held-out pairs it refuses."""
     import torch
 
-    from scail2.config import compose_config, instantiate
     from scail2.bench.synthetic_motion import encode_frames
+    from scail2.config import compose_config, instantiate
     from scail2.data.cache import CacheIndex
     from scail2.data.video import read_video
     from scail2.encoders.bundle import Encoders
@@ -280,9 +280,16 @@ def test_copy_driving_diagnostic_makes_every_target_its_driving_video(tmp_path):
     index = CacheIndex.load(root / "cache")
     assert len(index.samples) == 3
     vae = Encoders.from_pretrained(root / "encoders").vae
+    generate_dataset(tmp_path / "drawn", dm.synth)  # the same pairs with their drawn targets
+
+    def make_pair_target(pair_id):
+        return read_video(tmp_path / "drawn" / "pairs" / pair_id / "target.mp4")
+
     for entry in index.samples:
         cached = index.read_sample(entry, swap=False)
         driving = read_video(root / "videos" / "pairs" / cached.id / "driving.mp4")
         torch.testing.assert_close(cached.latents, encode_frames(vae, driving)[0], atol=1e-4, rtol=1e-4)
+        drawn = make_pair_target(cached.id)
+        assert (cached.latents - encode_frames(vae, drawn)[0]).abs().max() > 0.1  # the drawn target differs
     with pytest.raises(SystemExit, match="heldout_pairs"):
         runner.copy_driving_into_targets(compose_config(train_overrides(tmp_path / "d2", tmp_path / "o2", "data.heldout_pairs=0")))

@@ -136,7 +136,9 @@ class SyntheticDataModule(MotionDataModule):
         """The held-out pairs' manifest (written by `prepare_data`); None without a held-out set."""
         return self.root / "heldout" / "manifest.jsonl" if self.heldout is not None else None
 
-    def prepare_data(self) -> None:
+    def prepare_videos(self) -> Path:
+        """The first half of `prepare_data`: the training videos, the tiny encoders and the held-out set, when
+        absent (no latent cache). Returns the training manifest."""
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = _videos_and_encoders(self.root, self.synth, self.encoders_seed, self.vae)
         if self.heldout is not None:
@@ -145,6 +147,10 @@ class SyntheticDataModule(MotionDataModule):
             if not (self.root / "heldout" / SYNTH_STAMP).exists():
                 log.info("writing %d held-out synthetic pairs to %s", self.heldout.pairs, self.root / "heldout")
             ensure_dataset(self.root / "heldout", self.heldout)  # refuses a held-out set drawn with other settings
+        return manifest
+
+    def prepare_data(self) -> None:
+        manifest = self.prepare_videos()
         if not self._cache_complete(manifest):
             self._build_cache(manifest)
 
