@@ -115,7 +115,7 @@ def load_cases(folder: str | Path, max_cases: int | None = None) -> list[MotionC
         f, h, w = target.shape[:3]
         truth = pair_truth(
             stamp["seed"], pair_index(record.id), f, stamp["fps"], h, w, stamp.get("scene_references", False),
-            stamp.get("travel", 0.0),
+            stamp.get("travel", 0.0), stamp.get("clips_per_cast", 1),
         )  # fmt: skip
         reference = target[record.reference] if isinstance(record.reference, int) else read_image(record.reference)
         cases.append(

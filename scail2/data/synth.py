@@ -98,6 +98,12 @@ class SynthOptions:
     half a second), drawn from a stream of its own, so 0 (the default) draws exactly what it drew before. The
     driving video's characters perform the same motion, so where the target's characters are in each frame is
     in the driving video, and a still reference drifts away from it.
+    clips_per_cast: pairs come in runs of this many that share one cast and scene, like clips cut from one
+    longer recording of each cast: pair ``index`` is drawn as cast ``index // clips_per_cast`` (its source, mode,
+    characters, backgrounds, sign and reference choice) performing a motion of its own (joint curves, sway and bob
+    drawn from a stream of the pair, each character kept at the cast's root position; with ``travel``, the pair's
+    own speed and direction). Then a reference does not tell which motion its target performs: only the driving
+    video does. 1 (the default) draws exactly what it drew before.
     These are recorded in ``synth.json`` only when set, so folders drawn with the defaults keep their stamp."""
 
     pairs: int = 20
@@ -109,8 +115,11 @@ class SynthOptions:
     first_index: int = 0
     scene_references: bool = False
     travel: float = 0.0
+    clips_per_cast: int = 1
 
     def __post_init__(self) -> None:
+        if self.clips_per_cast < 1:
+            raise ValueError(f"clips_per_cast {self.clips_per_cast} must be >= 1 (1: every pair has a cast of its own)")
         if self.pairs < 1:
             raise ValueError(f"pairs {self.pairs} must be >= 1")
         if self.first_index < 0:
@@ -491,27 +500,47 @@ def _with_travel(cast: list[tuple[Character, Motion]], seed: int, index: int, tr
     return [(c, replace(m, velocity=velocity)) for c, m in cast]
 
 
-def target_cast(seed: int, index: int, travel: float = 0.0) -> list[tuple[Character, Motion]]:
-    """The cast of the target video of pair ``index`` of a dataset generated with ``seed`` (and ``travel``; no
-    drawing)."""
-    rng = np.random.default_rng([seed, index])
-    return _with_travel(_draw_real_cast(rng, _plan(index, rng)), seed, index, travel)
+def _own_motions(cast: list[tuple[Character, Motion]], plan: _PairPlan, seed: int, index: int) -> list[tuple[Character, Motion]]:
+    """The cast performing the motions of pair ``index`` (`SynthOptions.clips_per_cast`), drawn from a stream of
+    the pair; every character keeps its root position."""
+    rng = np.random.default_rng([seed, index, 17])
+    speed = 0.5 if plan.close else 1.0
+    return [(c, random_motion(rng, m.x0, speed)) for c, m in cast]
+
+
+def _cast_and_plan(seed: int, index: int, clips_per_cast: int) -> tuple[np.random.Generator, _PairPlan, list[tuple[Character, Motion]], int]:
+    """The generator (after the cast's draws), plan, target cast (motions not yet travelling) and cast index of
+    pair ``index``."""
+    cast_index = index // clips_per_cast
+    rng = np.random.default_rng([seed, cast_index])
+    plan = _plan(cast_index, rng)
+    cast = _draw_real_cast(rng, plan)
+    if clips_per_cast > 1:
+        cast = _own_motions(cast, plan, seed, index)
+    return rng, plan, cast, cast_index
+
+
+def target_cast(seed: int, index: int, travel: float = 0.0, clips_per_cast: int = 1) -> list[tuple[Character, Motion]]:
+    """The cast of the target video of pair ``index`` of a dataset generated with ``seed`` (and ``travel``,
+    ``clips_per_cast``; no drawing)."""
+    _, _, cast, _ = _cast_and_plan(seed, index, clips_per_cast)
+    return _with_travel(cast, seed, index, travel)
 
 
 def target_joints(
-    seed: int, index: int, frames: int, fps: float, height: int, width: int, travel: float = 0.0
+    seed: int, index: int, frames: int, fps: float, height: int, width: int, travel: float = 0.0, clips_per_cast: int = 1
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Per character of pair ``index``'s target video: its appearance and joints (`JOINTS` -> (F, 2) pixels)."""
     t = np.arange(frames) / fps
-    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel)]
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel, clips_per_cast)]
 
 
 def joints_at(
-    seed: int, index: int, times: Sequence[float], height: int, width: int, travel: float = 0.0
+    seed: int, index: int, times: Sequence[float], height: int, width: int, travel: float = 0.0, clips_per_cast: int = 1
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Like `target_joints`, at given times in seconds (e.g. the source frames of a clip cut from the video)."""
     t = np.asarray(times, dtype=np.float64)
-    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel)]
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel, clips_per_cast)]
 
 
 @dataclass
@@ -536,13 +565,13 @@ class _DrawnPair:
 
 def _draw_pair(
     index: int, height: int, width: int, frames: int, fps: float, seed: int, scene_references: bool = False,
-    travel: float = 0.0,
+    travel: float = 0.0, clips_per_cast: int = 1,
 ) -> _DrawnPair:
-    rng = np.random.default_rng([seed, index])
-    plan = _plan(index, rng)
+    # The cast's draws (everything but the pair's own motion and travel) come from the cast index's streams.
+    rng, plan, real_cast, cast_index = _cast_and_plan(seed, index, clips_per_cast)
     t = np.arange(frames) / fps
     scale = _cast_scale(plan)
-    real_cast = _with_travel(_draw_real_cast(rng, plan), seed, index, travel)  # the driving cast moves the same way
+    real_cast = _with_travel(real_cast, seed, index, travel)  # the driving cast moves the same way
     # The synthetic character differs in colour from the real one it replaces.
     synth_cast = [(random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
     aug_cast = [(random_character(rng, scale, exclude=[c.colour]), m) for c, m in real_cast]
@@ -553,7 +582,7 @@ def _draw_pair(
         bg_synth = bg_aug = bg_real  # the same scene, characters swapped
 
     # The sign belongs to the scene: painted into the shared background before anyone is drawn over it.
-    sign_mask = _draw_sign(bg_real, np.random.default_rng([seed, index, 7])) if plan.sign else None
+    sign_mask = _draw_sign(bg_real, np.random.default_rng([seed, cast_index, 7])) if plan.sign else None
     real = _draw_scene(bg_real, real_cast, t)
     order = character_order(torch.from_numpy(real.masks), "x")
 
@@ -572,7 +601,7 @@ def _draw_pair(
         # scene_references in a scene (animation: the target's; replacement: another one).
         wall = np.full((height, width, 3), rng.uniform(60, 200, 3), dtype=np.float32)
         if scene_references:
-            scene = np.random.default_rng([seed, index, 11])
+            scene = np.random.default_rng([seed, cast_index, 11])
             wall = bg_real if plan.mode == "animation" else random_background(scene, height, width)[0]
         still = _draw_scene(wall, real_cast, np.zeros(1))
         reference, reference_masks, reference_bg, reference_frame = still.frames[0], still.masks[:, 0], wall, None
@@ -589,11 +618,11 @@ def _draw_pair(
 
 def make_pair(
     out_dir: Path, index: int, height: int, width: int, frames: int, fps: float, seed: int, lossy: bool = False,
-    scene_references: bool = False, travel: float = 0.0,
+    scene_references: bool = False, travel: float = 0.0, clips_per_cast: int = 1,
 ) -> MotionRecord:
     """Draw and write every file of pair ``index``; return its record (paths absolute)."""
     rgb = {"lossless": not lossy}
-    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel)
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel, clips_per_cast)
     plan, order, real = drawn.plan, drawn.order, drawn.target
     rid = f"{plan.source}_{index:05d}"
     folder = out_dir / "pairs" / rid
@@ -683,11 +712,11 @@ class PairTruth:
 
 def pair_truth(
     seed: int, index: int, frames: int, fps: float, height: int, width: int, scene_references: bool = False,
-    travel: float = 0.0,
+    travel: float = 0.0, clips_per_cast: int = 1,
 ) -> PairTruth:
     """The ground truth of pair ``index`` of a dataset drawn with ``seed`` and these settings (drawn again, the
     same way `make_pair` draws it; nothing is read from disk)."""
-    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel)
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel, clips_per_cast)
     t = np.arange(frames) / fps
     return PairTruth(
         index=index, source=drawn.plan.source, mode=drawn.plan.mode, end_to_end=drawn.plan.end_to_end,
@@ -711,7 +740,7 @@ def _stamp(options: SynthOptions) -> dict:
     fields_ = asdict(options)
     fields_["sizes"] = [list(size) for size in options.sizes]
     # Recorded only when set, so that folders drawn before these options existed keep their stamp.
-    for name in ("first_index", "scene_references", "travel"):
+    for name in ("first_index", "scene_references", "travel", "clips_per_cast"):
         if fields_[name] == SynthOptions.__dataclass_fields__[name].default:
             del fields_[name]
     return {"version": SYNTH_VERSION, **fields_}
@@ -730,7 +759,7 @@ def generate_dataset(out_dir: str | Path, options: SynthOptions | None = None) -
         records.append(
             make_pair(
                 out, index, height, width, options.frames, options.fps, options.seed, options.lossy,
-                options.scene_references, options.travel,
+                options.scene_references, options.travel, options.clips_per_cast,
             )  # fmt: skip
         )
     manifest = write_manifest(out / "manifest.jsonl", records)

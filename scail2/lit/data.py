@@ -71,8 +71,11 @@ class SyntheticDataModule(MotionDataModule):
             its background can only come from the driving video.
         travel: the characters of the training and the held-out pairs walk across the frame
             (`SynthOptions.travel`, widths per second; 0: they sway in place).
-            The default ``data.root`` does not name these two settings: videos drawn with other values are refused
-            with what to delete, so give such runs their own ``data.root``.
+        clips_per_cast: the training pairs come in runs of this many sharing one cast and scene, each with a
+            motion of its own (`SynthOptions.clips_per_cast`), so a training reference does not tell its motion;
+            the held-out pairs keep one cast each (1: every training pair has its own cast).
+            The default ``data.root`` does not name these three settings: videos drawn with other values are
+            refused with what to delete, so give such runs their own ``data.root``.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class SyntheticDataModule(MotionDataModule):
         heldout_pairs: int = 0,
         scene_references: bool = False,
         travel: float = 0.0,
+        clips_per_cast: int = 1,
     ):
         self.root = Path(root)
         super().__init__(
@@ -107,7 +111,7 @@ class SyntheticDataModule(MotionDataModule):
 
         self.synth = SynthOptions(
             pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed, scene_references=scene_references,
-            travel=travel,
+            travel=travel, clips_per_cast=clips_per_cast,
         )
         if heldout_pairs < 0:
             raise ValueError(f"heldout_pairs is {heldout_pairs}; use 0 (no held-out set) or a positive count")

@@ -168,3 +168,47 @@ def test_cli_synth_validate_cache(tmp_path, capsys):
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert len(index["samples"]) == 3 and index["failed"] == []
     assert "3 samples (3 new" in capsys.readouterr().out
+
+
+def test_clips_per_cast_share_the_cast_and_scene_and_not_the_motion(tmp_path):
+    from scail2.bench.synthetic_motion import load_cases
+    from scail2.data.synth import pair_index, pair_truth, target_cast
+
+    with pytest.raises(ValueError, match="clips_per_cast 0 must be >= 1"):
+        SynthOptions(clips_per_cast=0)
+    frames, size, fps = 9, 64, 16.0
+    for index in range(3):  # 1: exactly the default drawing
+        a, b = pair_truth(0, index, frames, fps, size, size, True, 0.3), pair_truth(0, index, frames, fps, size, size, True, 0.3, 1)
+        assert np.array_equal(a.masks, b.masks) and np.array_equal(a.reference_background, b.reference_background)
+    for first in (0, 3, 6, 9):  # the runs of three: one source, cast, scene and reference choice; motions their own
+        run = [pair_truth(0, first + k, frames, fps, size, size, True, 0.3, 3) for k in range(3)]
+        lead = pair_truth(0, first // 3, frames, fps, size, size, True, 0.3)  # drawn as cast index // 3
+        for truth in run:
+            assert truth.source == lead.source and truth.characters == lead.characters
+            assert truth.reference_frame == lead.reference_frame
+            np.testing.assert_array_equal(truth.target_background, lead.target_background)
+            np.testing.assert_array_equal(truth.driving_background, lead.driving_background)
+        for k in range(3):
+            for other in range(k + 1, 3):
+                assert not np.array_equal(run[k].joints[0]["hand_l"], run[other].joints[0]["hand_l"])
+                assert not np.array_equal(run[k].masks, run[other].masks)
+        roots = [[m.x0 for _, m in target_cast(0, first + k, 0.3, 3)] for k in range(3)]
+        assert roots[0] == roots[1] == roots[2] == [m.x0 for _, m in target_cast(0, first // 3)]
+        speeds = [{m.velocity for _, m in target_cast(0, first + k, 0.3, 3)} for k in range(3)]
+        assert all(len(s) == 1 for s in speeds) and len({s.pop() for s in speeds}) == 3  # each pair its own travel
+    assert pair_truth(0, 3, frames, fps, size, size, True, 0.3, 3).source != pair_truth(0, 0, frames, fps, size, size, True, 0.3, 3).source
+
+    # Written: the stamp records it, and the ground truth drawn again from the folder is the written one.
+    folder = tmp_path / "clips"
+    generate_dataset(folder, SynthOptions(pairs=4, frames=frames, seed=0, clips_per_cast=2, travel=0.3))
+    assert json.loads((folder / SYNTH_STAMP).read_text())["clips_per_cast"] == 2
+    records = load_manifest(folder / "manifest.jsonl")
+    assert records[0].source == records[1].source != records[2].source == records[3].source
+    assert not np.array_equal(read_video(records[0].target), read_video(records[1].target))
+    cases = load_cases(folder)
+    for record, case in zip(records, cases):
+        truth = pair_truth(0, pair_index(record.id), frames, fps, size, size, travel=0.3, clips_per_cast=2)
+        np.testing.assert_array_equal(case.truth.masks, truth.masks)
+        if record.target_mask is not None:  # the written target mask is where the ground truth has the characters
+            on = np.abs(read_video(record.target_mask).astype(int) - read_video(record.target_mask)[0, 0, 0].astype(int)).sum(-1) > 0
+            assert (on == truth.masks.any(0)).mean() > 0.97
