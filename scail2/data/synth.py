@@ -103,7 +103,10 @@ class SynthOptions:
     characters, backgrounds, sign and reference choice) performing a motion of its own (joint curves, sway and bob
     drawn from a stream of the pair, each character kept at the cast's root position; with ``travel``, the pair's
     own speed and direction). Then a reference does not tell which motion its target performs: only the driving
-    video does. 1 (the default) draws exactly what it drew before.
+    video does. 1 (the default) draws exactly what it drew before. Cast indices are drawn like pair indices, so
+    sets of disjoint pair indices share no cast only if their cast indices are disjoint too (the held-out sets of
+    `scail2.lit.data.SyntheticDataModule`, one cast per pair from index 1,000,000 on, share none with its
+    training pairs).
     These are recorded in ``synth.json`` only when set, so folders drawn with the defaults keep their stamp."""
 
     pairs: int = 20
