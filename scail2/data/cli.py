@@ -1,7 +1,8 @@
 """``scail2-data``: validate a manifest, write a synthetic dataset, build the latent cache and DPO preference pairs.
 
     scail2-data validate MANIFEST [--full] [--buckets 81x512x896 ...] [--workers N]
-    scail2-data synth OUT_DIR [--pairs 20] [--frames 17] [--size 64x64 ...] [--fps 16] [--seed 0]
+    scail2-data synth OUT_DIR [--pairs 20] [--frames 17] [--size 64x64 ...] [--fps 16] [--seed 0] [--first-index 0]
+        [--scene-references] [--travel 0] [--clips-per-cast 1]
     scail2-data cache MANIFEST OUT_DIR --encoders DIR [--buckets ...] [--dtype bfloat16] [--workers N]
     scail2-data preference SOURCE_MANIFEST OUT_DIR [--components synthetic|FILE] [--pairs N] [--seed S]
     scail2-data preference-cache PREFERENCE_MANIFEST OUT_DIR --encoders DIR [--buckets ...] [--dtype bfloat16]
@@ -70,6 +71,10 @@ def _synth(args: argparse.Namespace) -> int:
         fps=args.fps,
         seed=args.seed,
         lossy=args.lossy,
+        first_index=args.first_index,
+        scene_references=args.scene_references,
+        travel=args.travel,
+        clips_per_cast=args.clips_per_cast,
     )
     manifest = generate_dataset(args.out_dir, options)
     print(f"wrote {options.pairs} pairs and {manifest}")
@@ -303,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=16.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--lossy", action="store_true", help="4:2:0 H.264 like real data (default: RGB-lossless videos)")
+    s.add_argument("--first-index", type=int, default=0, help="index of the first pair (disjoint index ranges: other characters)")
+    s.add_argument("--scene-references", action="store_true", help="separate references drawn in a scene (SynthOptions.scene_references)")
+    s.add_argument("--travel", type=float, default=0.0, help="characters walk across the frame, up to this many widths per second")
+    s.add_argument("--clips-per-cast", type=int, default=1, help="pairs in runs of this many sharing one cast and scene, each with its own motion")
     s.set_defaults(func=_synth)
 
     c = sub.add_parser("cache", help="encode a manifest into a latent cache (resumable)")

@@ -170,6 +170,18 @@ def test_cli_synth_validate_cache(tmp_path, capsys):
     assert "3 samples (3 new" in capsys.readouterr().out
 
 
+def test_cli_synth_draws_with_the_drawing_options(tmp_path):
+    out = tmp_path / "grouped"
+    argv = ["synth", str(out), "--pairs", "2", "--frames", "5", "--first-index", "10", "--scene-references", "--travel", "0.3",
+            "--clips-per-cast", "2"]  # fmt: skip
+    assert main(argv) == 0
+    stamp = json.loads((out / SYNTH_STAMP).read_text())
+    assert (stamp["first_index"], stamp["scene_references"], stamp["travel"], stamp["clips_per_cast"]) == (10, True, 0.3, 2)
+    assert [r.id.rsplit("_", 1)[1] for r in load_manifest(out / "manifest.jsonl")] == ["00010", "00011"]
+    with pytest.raises(ValueError, match="clips_per_cast 0 must be >= 1"):
+        main(["synth", str(tmp_path / "bad"), "--clips-per-cast", "0"])
+
+
 def test_clips_per_cast_share_the_cast_and_scene_and_not_the_motion(tmp_path):
     from scail2.bench.synthetic_motion import load_cases
     from scail2.data.synth import pair_index, pair_truth, target_cast
