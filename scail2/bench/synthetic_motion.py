@@ -94,7 +94,7 @@ def load_cases(folder: str | Path, max_cases: int | None = None) -> list[MotionC
     """The pairs of a synthetic folder (``manifest.jsonl`` + ``synth.json``), in manifest order, with their ground
     truth drawn again from the folder's settings."""
     from scail2.data.manifest import load_manifest
-    from scail2.data.synth import SYNTH_STAMP, SYNTH_VERSION, pair_index, pair_truth
+    from scail2.data.synth import SYNTH_SOURCES, SYNTH_STAMP, SYNTH_VERSION, pair_index, pair_truth
     from scail2.data.video import read_image, read_video
 
     folder = Path(folder)
@@ -115,7 +115,7 @@ def load_cases(folder: str | Path, max_cases: int | None = None) -> list[MotionC
         f, h, w = target.shape[:3]
         truth = pair_truth(
             stamp["seed"], pair_index(record.id), f, stamp["fps"], h, w, stamp.get("scene_references", False),
-            stamp.get("travel", 0.0), stamp.get("clips_per_cast", 1),
+            stamp.get("travel", 0.0), stamp.get("clips_per_cast", 1), tuple(stamp.get("sources", SYNTH_SOURCES)),
         )  # fmt: skip
         reference = target[record.reference] if isinstance(record.reference, int) else read_image(record.reference)
         cases.append(

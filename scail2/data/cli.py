@@ -2,7 +2,7 @@
 
     scail2-data validate MANIFEST [--full] [--buckets 81x512x896 ...] [--workers N]
     scail2-data synth OUT_DIR [--pairs 20] [--frames 17] [--size 64x64 ...] [--fps 16] [--seed 0] [--first-index 0]
-        [--scene-references] [--travel 0] [--clips-per-cast 1]
+        [--scene-references] [--travel 0] [--clips-per-cast 1] [--source NAME ...]
     scail2-data cache MANIFEST OUT_DIR --encoders DIR [--buckets ...] [--dtype bfloat16] [--workers N]
     scail2-data preference SOURCE_MANIFEST OUT_DIR [--components synthetic|FILE] [--pairs N] [--seed S]
     scail2-data preference-cache PREFERENCE_MANIFEST OUT_DIR --encoders DIR [--buckets ...] [--dtype bfloat16]
@@ -75,6 +75,7 @@ def _synth(args: argparse.Namespace) -> int:
         scene_references=args.scene_references,
         travel=args.travel,
         clips_per_cast=args.clips_per_cast,
+        **({"sources": tuple(args.source)} if args.source else {}),
     )
     manifest = generate_dataset(args.out_dir, options)
     print(f"wrote {options.pairs} pairs and {manifest}")
@@ -312,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scene-references", action="store_true", help="separate references drawn in a scene (SynthOptions.scene_references)")
     s.add_argument("--travel", type=float, default=0.0, help="characters walk across the frame, up to this many widths per second")
     s.add_argument("--clips-per-cast", type=int, default=1, help="pairs in runs of this many sharing one cast and scene, each with its own motion")
+    s.add_argument(
+        "--source", action="append", metavar="NAME",
+        help="draw only this source kind (scail2.data.synth.SYNTH_SOURCES, e.g. mocha_replacement_single); repeat for several, in turn",
+    )  # fmt: skip
     s.set_defaults(func=_synth)
 
     c = sub.add_parser("cache", help="encode a manifest into a latent cache (resumable)")

@@ -59,6 +59,15 @@ SYNTH_SOURCES: tuple[str, ...] = (
     "mocha_replacement_multi",
 )
 
+
+
+def synth_source_class(source: str) -> str:
+    """The sampling class (`scail2.data.manifest.SOURCE_CLASSES`) of the records of a synthetic source."""
+    if source not in SYNTH_SOURCES:
+        raise ValueError(f"{source!r} is not a synthetic source; use a name from {list(SYNTH_SOURCES)}")
+    return "pose" if source == "pose" else ("replacement" if source.startswith("mocha_replacement") else "animation")
+
+
 # Named colours whose words the captions use.
 _COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -107,6 +116,11 @@ class SynthOptions:
     sets of disjoint pair indices share no cast only if their cast indices are disjoint too (the held-out sets of
     `scail2.lit.data.SyntheticDataModule`, one cast per pair from index 1,000,000 on, share none with its
     training pairs).
+    sources: the source kinds drawn, in turn: pair ``index`` (with ``clips_per_cast``, cast ``index //
+    clips_per_cast``) is drawn as ``sources[index % len(sources)]``; names from `SYNTH_SOURCES` (which is the
+    default, every kind in turn), a name repeated to draw it more often, e.g. ``("mocha_replacement_single",)``
+    for replacement pairs only. A dataset of one source family is a task of its own: the mix (animation pairs
+    that take the reference's background, pose renders without one) stays out of it.
     These are recorded in ``synth.json`` only when set, so folders drawn with the defaults keep their stamp."""
 
     pairs: int = 20
@@ -119,8 +133,15 @@ class SynthOptions:
     scene_references: bool = False
     travel: float = 0.0
     clips_per_cast: int = 1
+    sources: tuple[str, ...] = SYNTH_SOURCES
 
     def __post_init__(self) -> None:
+        if isinstance(self.sources, str) or not self.sources:
+            raise ValueError(f"sources {self.sources!r} must be a non-empty sequence of names from {list(SYNTH_SOURCES)}")
+        object.__setattr__(self, "sources", tuple(self.sources))  # a list given (a config's) is kept as a tuple
+        unknown = [s for s in self.sources if s not in SYNTH_SOURCES]
+        if unknown:
+            raise ValueError(f"sources {unknown} are not synthetic sources; use names from {list(SYNTH_SOURCES)}")
         if self.clips_per_cast < 1:
             raise ValueError(f"clips_per_cast {self.clips_per_cast} must be >= 1 (1: every pair has a cast of its own)")
         if self.pairs < 1:
@@ -464,8 +485,8 @@ class _PairPlan:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def _plan(index: int, rng: np.random.Generator) -> _PairPlan:
-    source = SYNTH_SOURCES[index % len(SYNTH_SOURCES)]
+def _plan(index: int, rng: np.random.Generator, sources: Sequence[str] = SYNTH_SOURCES) -> _PairPlan:
+    source = sources[index % len(sources)]
     mode = "replacement" if source.startswith("mocha_replacement") else "animation"
     multi = int(rng.integers(2, 4)) if source == "mocha_replacement_multi" else (int(rng.integers(1, 3)) if source == "pose" else 1)
     return _PairPlan(
@@ -511,39 +532,47 @@ def _own_motions(cast: list[tuple[Character, Motion]], plan: _PairPlan, seed: in
     return [(c, random_motion(rng, m.x0, speed)) for c, m in cast]
 
 
-def _cast_and_plan(seed: int, index: int, clips_per_cast: int) -> tuple[np.random.Generator, _PairPlan, list[tuple[Character, Motion]], int]:
+def _cast_and_plan(
+    seed: int, index: int, clips_per_cast: int, sources: Sequence[str] = SYNTH_SOURCES
+) -> tuple[np.random.Generator, _PairPlan, list[tuple[Character, Motion]], int]:
     """The generator (after the cast's draws), plan, target cast (motions not yet travelling) and cast index of
     pair ``index``."""
     cast_index = index // clips_per_cast
     rng = np.random.default_rng([seed, cast_index])
-    plan = _plan(cast_index, rng)
+    plan = _plan(cast_index, rng, sources)
     cast = _draw_real_cast(rng, plan)
     if clips_per_cast > 1:
         cast = _own_motions(cast, plan, seed, index)
     return rng, plan, cast, cast_index
 
 
-def target_cast(seed: int, index: int, travel: float = 0.0, clips_per_cast: int = 1) -> list[tuple[Character, Motion]]:
+def target_cast(
+    seed: int, index: int, travel: float = 0.0, clips_per_cast: int = 1, sources: Sequence[str] = SYNTH_SOURCES
+) -> list[tuple[Character, Motion]]:
     """The cast of the target video of pair ``index`` of a dataset generated with ``seed`` (and ``travel``,
-    ``clips_per_cast``; no drawing)."""
-    _, _, cast, _ = _cast_and_plan(seed, index, clips_per_cast)
+    ``clips_per_cast``, ``sources``; no drawing)."""
+    _, _, cast, _ = _cast_and_plan(seed, index, clips_per_cast, sources)
     return _with_travel(cast, seed, index, travel)
 
 
 def target_joints(
-    seed: int, index: int, frames: int, fps: float, height: int, width: int, travel: float = 0.0, clips_per_cast: int = 1
+    seed: int, index: int, frames: int, fps: float, height: int, width: int, travel: float = 0.0, clips_per_cast: int = 1,
+    sources: Sequence[str] = SYNTH_SOURCES,
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Per character of pair ``index``'s target video: its appearance and joints (`JOINTS` -> (F, 2) pixels)."""
     t = np.arange(frames) / fps
-    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel, clips_per_cast)]
+    cast = target_cast(seed, index, travel, clips_per_cast, sources)
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in cast]
 
 
 def joints_at(
-    seed: int, index: int, times: Sequence[float], height: int, width: int, travel: float = 0.0, clips_per_cast: int = 1
+    seed: int, index: int, times: Sequence[float], height: int, width: int, travel: float = 0.0, clips_per_cast: int = 1,
+    sources: Sequence[str] = SYNTH_SOURCES,
 ) -> list[tuple[Character, dict[str, np.ndarray]]]:
     """Like `target_joints`, at given times in seconds (e.g. the source frames of a clip cut from the video)."""
     t = np.asarray(times, dtype=np.float64)
-    return [(c, pose_joints(m, c, t, height, width)) for c, m in target_cast(seed, index, travel, clips_per_cast)]
+    cast = target_cast(seed, index, travel, clips_per_cast, sources)
+    return [(c, pose_joints(m, c, t, height, width)) for c, m in cast]
 
 
 @dataclass
@@ -568,10 +597,10 @@ class _DrawnPair:
 
 def _draw_pair(
     index: int, height: int, width: int, frames: int, fps: float, seed: int, scene_references: bool = False,
-    travel: float = 0.0, clips_per_cast: int = 1,
+    travel: float = 0.0, clips_per_cast: int = 1, sources: Sequence[str] = SYNTH_SOURCES,
 ) -> _DrawnPair:
     # The cast's draws (everything but the pair's own motion and travel) come from the cast index's streams.
-    rng, plan, real_cast, cast_index = _cast_and_plan(seed, index, clips_per_cast)
+    rng, plan, real_cast, cast_index = _cast_and_plan(seed, index, clips_per_cast, sources)
     t = np.arange(frames) / fps
     scale = _cast_scale(plan)
     real_cast = _with_travel(real_cast, seed, index, travel)  # the driving cast moves the same way
@@ -621,11 +650,11 @@ def _draw_pair(
 
 def make_pair(
     out_dir: Path, index: int, height: int, width: int, frames: int, fps: float, seed: int, lossy: bool = False,
-    scene_references: bool = False, travel: float = 0.0, clips_per_cast: int = 1,
+    scene_references: bool = False, travel: float = 0.0, clips_per_cast: int = 1, sources: Sequence[str] = SYNTH_SOURCES,
 ) -> MotionRecord:
     """Draw and write every file of pair ``index``; return its record (paths absolute)."""
     rgb = {"lossless": not lossy}
-    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel, clips_per_cast)
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel, clips_per_cast, sources)
     plan, order, real = drawn.plan, drawn.order, drawn.target
     rid = f"{plan.source}_{index:05d}"
     folder = out_dir / "pairs" / rid
@@ -715,11 +744,11 @@ class PairTruth:
 
 def pair_truth(
     seed: int, index: int, frames: int, fps: float, height: int, width: int, scene_references: bool = False,
-    travel: float = 0.0, clips_per_cast: int = 1,
+    travel: float = 0.0, clips_per_cast: int = 1, sources: Sequence[str] = SYNTH_SOURCES,
 ) -> PairTruth:
     """The ground truth of pair ``index`` of a dataset drawn with ``seed`` and these settings (drawn again, the
     same way `make_pair` draws it; nothing is read from disk)."""
-    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel, clips_per_cast)
+    drawn = _draw_pair(index, height, width, frames, fps, seed, scene_references, travel, clips_per_cast, sources)
     t = np.arange(frames) / fps
     return PairTruth(
         index=index, source=drawn.plan.source, mode=drawn.plan.mode, end_to_end=drawn.plan.end_to_end,
@@ -743,9 +772,11 @@ def _stamp(options: SynthOptions) -> dict:
     fields_ = asdict(options)
     fields_["sizes"] = [list(size) for size in options.sizes]
     # Recorded only when set, so that folders drawn before these options existed keep their stamp.
-    for name in ("first_index", "scene_references", "travel", "clips_per_cast"):
+    for name in ("first_index", "scene_references", "travel", "clips_per_cast", "sources"):
         if fields_[name] == SynthOptions.__dataclass_fields__[name].default:
             del fields_[name]
+    if "sources" in fields_:
+        fields_["sources"] = list(options.sources)
     return {"version": SYNTH_VERSION, **fields_}
 
 
@@ -762,7 +793,7 @@ def generate_dataset(out_dir: str | Path, options: SynthOptions | None = None) -
         records.append(
             make_pair(
                 out, index, height, width, options.frames, options.fps, options.seed, options.lossy,
-                options.scene_references, options.travel, options.clips_per_cast,
+                options.scene_references, options.travel, options.clips_per_cast, options.sources,
             )  # fmt: skip
         )
     manifest = write_manifest(out / "manifest.jsonl", records)

@@ -59,7 +59,7 @@ class SyntheticDataModule(MotionDataModule):
             shipped in ``scail2/encoders/tiny_vae/``, trained on this synthetic domain: decoded samples are
             pictures); `scail2.encoders.tiny.VAE_KINDS`.
         batch_size, num_workers, samples_per_epoch, seed: as `MotionDataModule`.
-        weights: sampling weights per source class (default: the paper's mix).
+        weights: sampling weights per source class (default: the paper's mix, over the classes ``sources`` draws).
         heldout_pairs: pairs of a held-out set (0: none), written to ``<root>/heldout/`` (videos and manifest,
             not cached: it is read through the inference path, `scail2.bench.synthetic_motion`). They take the
             indices from `HELDOUT_FIRST_INDEX` on, which no training set reaches, so their characters, motions
@@ -74,7 +74,10 @@ class SyntheticDataModule(MotionDataModule):
         clips_per_cast: the training pairs come in runs of this many sharing one cast and scene, each with a
             motion of its own (`SynthOptions.clips_per_cast`), so a training reference does not tell its motion;
             the held-out pairs keep one cast each (1: every training pair has its own cast).
-            The default ``data.root`` does not name these three settings: videos drawn with other values are
+        sources: the synthetic source kinds the training and held-out pairs are drawn from, in turn
+            (`SynthOptions.sources`; default: all five), e.g. ``[mocha_replacement_single]`` for replacement pairs
+            only (then the default weights are the paper mix's over the classes drawn: ``{replacement: 0.2}``).
+            The default ``data.root`` does not name these four settings: videos drawn with other values are
             refused with what to delete, so give such runs their own ``data.root``.
     """
 
@@ -97,21 +100,24 @@ class SyntheticDataModule(MotionDataModule):
         scene_references: bool = False,
         travel: float = 0.0,
         clips_per_cast: int = 1,
+        sources: list[str] | None = None,
     ):
+        from scail2.data.synth import SYNTH_SOURCES, SynthOptions, synth_source_class
+
+        self.synth = SynthOptions(
+            pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed, scene_references=scene_references,
+            travel=travel, clips_per_cast=clips_per_cast, sources=SYNTH_SOURCES if sources is None else sources,
+        )  # fmt: skip
+        drawn = self.synth.sources
+        classes = {synth_source_class(s) for s in drawn}
         self.root = Path(root)
         super().__init__(
             cache_dir=self.root / "cache",
             batch_size=batch_size,
             num_workers=num_workers,
-            weights=dict(weights) if weights is not None else dict(SYNTHETIC_WEIGHTS),
+            weights=dict(weights) if weights is not None else {k: w for k, w in SYNTHETIC_WEIGHTS.items() if k in classes},
             samples_per_epoch=samples_per_epoch,
             seed=seed,
-        )
-        from scail2.data.synth import SynthOptions
-
-        self.synth = SynthOptions(
-            pairs=pairs, frames=frames, sizes=((height, width),), seed=data_seed, scene_references=scene_references,
-            travel=travel, clips_per_cast=clips_per_cast,
         )
         if heldout_pairs < 0:
             raise ValueError(f"heldout_pairs is {heldout_pairs}; use 0 (no held-out set) or a positive count")
@@ -123,7 +129,7 @@ class SyntheticDataModule(MotionDataModule):
         self.heldout = (
             SynthOptions(
                 pairs=heldout_pairs, frames=frames, sizes=((height, width),), seed=data_seed,
-                first_index=HELDOUT_FIRST_INDEX, scene_references=True, travel=travel,
+                first_index=HELDOUT_FIRST_INDEX, scene_references=True, travel=travel, sources=drawn,
             )  # fmt: skip
             if heldout_pairs
             else None

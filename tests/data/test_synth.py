@@ -173,11 +173,13 @@ def test_cli_synth_validate_cache(tmp_path, capsys):
 def test_cli_synth_draws_with_the_drawing_options(tmp_path):
     out = tmp_path / "grouped"
     argv = ["synth", str(out), "--pairs", "2", "--frames", "5", "--first-index", "10", "--scene-references", "--travel", "0.3",
-            "--clips-per-cast", "2"]  # fmt: skip
+            "--clips-per-cast", "2", "--source", "pose", "--source", "mocha_replacement_single"]  # fmt: skip
     assert main(argv) == 0
     stamp = json.loads((out / SYNTH_STAMP).read_text())
     assert (stamp["first_index"], stamp["scene_references"], stamp["travel"], stamp["clips_per_cast"]) == (10, True, 0.3, 2)
-    assert [r.id.rsplit("_", 1)[1] for r in load_manifest(out / "manifest.jsonl")] == ["00010", "00011"]
+    assert stamp["sources"] == ["pose", "mocha_replacement_single"]
+    # cast index 5 for both (clips of 2): sources[5 % 2]
+    assert [r.id for r in load_manifest(out / "manifest.jsonl")] == ["mocha_replacement_single_00010", "mocha_replacement_single_00011"]
     with pytest.raises(ValueError, match="clips_per_cast 0 must be >= 1"):
         main(["synth", str(tmp_path / "bad"), "--clips-per-cast", "0"])
 
@@ -224,3 +226,47 @@ def test_clips_per_cast_share_the_cast_and_scene_and_not_the_motion(tmp_path):
         if record.target_mask is not None:  # the written target mask is where the ground truth has the characters
             on = np.abs(read_video(record.target_mask).astype(int) - read_video(record.target_mask)[0, 0, 0].astype(int)).sum(-1) > 0
             assert (on == truth.masks.any(0)).mean() > 0.97
+
+
+def test_sources_draw_only_the_named_kinds_in_turn(tmp_path):
+    from scail2.bench.synthetic_motion import load_cases
+    from scail2.data.synth import SYNTH_SOURCES, ensure_dataset, pair_index, pair_truth, synth_source_class
+    from scail2.lit.data import SyntheticDataModule
+
+    with pytest.raises(ValueError, match=r"sources \['replacement'\] are not synthetic sources"):
+        SynthOptions(sources=("pose", "replacement"))
+    for bad in ((), "pose"):
+        with pytest.raises(ValueError, match="must be a non-empty sequence"):
+            SynthOptions(sources=bad)
+    assert SynthOptions(sources=["pose"]).sources == ("pose",)
+    assert [synth_source_class(s) for s in SYNTH_SOURCES] == ["animation", "replacement", "pose", "animation", "replacement"]
+    frames, size, fps = 5, 64, 16.0
+    for index in range(5):  # the default: every kind in turn, exactly as drawn without the option
+        a, b = pair_truth(0, index, frames, fps, size, size), pair_truth(0, index, frames, fps, size, size, sources=SYNTH_SOURCES)
+        assert a.source == SYNTH_SOURCES[index] and np.array_equal(a.masks, b.masks)
+    only = ("mocha_replacement_single", "mocha_replacement_single", "pose")
+    truths = [pair_truth(0, i, frames, fps, size, size, True, sources=only) for i in range(6)]
+    assert [t.source for t in truths] == list(only) * 2
+    assert [t.mode for t in truths] == ["replacement", "replacement", "animation"] * 2
+
+    folder = tmp_path / "replacement"
+    options = SynthOptions(pairs=3, frames=frames, seed=0, sources=("mocha_replacement_single",), scene_references=True)
+    generate_dataset(folder, options)
+    assert json.loads((folder / SYNTH_STAMP).read_text())["sources"] == ["mocha_replacement_single"]
+    assert "sources" not in json.loads((generate_dataset(tmp_path / "all", SynthOptions(pairs=1, frames=frames)).parent / SYNTH_STAMP).read_text())
+    records = load_manifest(folder / "manifest.jsonl")
+    assert {(r.source, r.mode) for r in records} == {("mocha_replacement_single", "replacement")}
+    for record, case in zip(records, load_cases(folder)):  # the ground truth drawn again is the written one
+        truth = pair_truth(0, pair_index(record.id), frames, fps, size, size, True, sources=("mocha_replacement_single",))
+        np.testing.assert_array_equal(case.truth.masks, truth.masks)
+        on = np.abs(read_video(record.target_mask).astype(int) - read_video(record.target_mask)[0, 0, 0].astype(int)).sum(-1) > 0
+        assert (on == truth.masks.any(0)).mean() > 0.97
+    with pytest.raises(ValueError, match=r"sources: \['mocha_replacement_single'\] there, \['pose'\] here"):
+        ensure_dataset(folder, SynthOptions(pairs=3, frames=frames, seed=0, sources=("pose",), scene_references=True))
+
+    # The data module: training and held-out pairs of the named kinds; default weights over the classes drawn.
+    dm = SyntheticDataModule(str(tmp_path / "dm"), pairs=2, frames=frames, heldout_pairs=2, sources=["mocha_replacement_single"])
+    assert dm.synth.sources == dm.heldout.sources == ("mocha_replacement_single",)
+    assert dm.weights == {"replacement": 0.2}
+    assert SyntheticDataModule(str(tmp_path / "dm2"), sources=["pose", "scail_animation"]).weights == {"animation": 0.6, "pose": 0.2}
+    assert SyntheticDataModule(str(tmp_path / "dm3")).weights == {"animation": 0.6, "replacement": 0.2, "pose": 0.2}
