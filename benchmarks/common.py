@@ -28,7 +28,13 @@ def machine() -> dict:
     return info
 
 
-def versions(*names: str) -> dict:
+def versions(*names: str, repo: Path | None = None) -> dict:
+    """Python, torch and the named packages' versions, and the library's git commit.
+
+    ``scail2_git`` is the commit checked out in ``repo`` (default: this checkout); ``scail2_git_dirty`` says whether
+    tracked files other than the recorded results differ from it, so a figure measured on uncommitted code is
+    marked as such (``None`` where git cannot tell).
+    """
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0]}
@@ -37,12 +43,20 @@ def versions(*names: str) -> dict:
             out[n] = md.version(n)
         except md.PackageNotFoundError:
             out[n] = None
+    where = Path(__file__).resolve().parent.parent if repo is None else Path(repo)
+    out["scail2_git"], out["scail2_git_dirty"] = None, None
     try:
-        out["scail2_git"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=where)
+        if head.returncode == 0 and head.stdout.strip():
+            out["scail2_git"] = head.stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+                capture_output=True, text=True, cwd=where,
+            )
+            if status.returncode == 0:
+                out["scail2_git_dirty"] = bool(status.stdout.strip())
     except OSError:
-        out["scail2_git"] = None
+        pass
     return out
 
 

@@ -606,3 +606,30 @@ def test_cross_identity_judge_gsb_and_published(synth_root, judge_server, tmp_pa
     for name in ("results.json", "config.yaml", "report.html"):
         assert "secret-test-key" not in (tmp_path / "run" / name).read_text()
     assert math.isfinite(results["metrics"]["imaging_quality"]["std"])
+
+
+def test_benchmark_records_mark_uncommitted_code(tmp_path):
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    assert common.versions(repo=tmp_path)["scail2_git"] is None  # not a checkout: nothing claimed
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "lib.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    clean = common.versions(repo=tmp_path)
+    assert clean["scail2_git"] and clean["scail2_git_dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"new": 1}')  # a result being written: still clean
+    assert common.versions(repo=tmp_path)["scail2_git_dirty"] is False
+    (tmp_path / "lib.py").write_text("x = 2\n")
+    dirty = common.versions(repo=tmp_path)
+    assert dirty["scail2_git"] == clean["scail2_git"] and dirty["scail2_git_dirty"] is True
