@@ -60,7 +60,6 @@ SYNTH_SOURCES: tuple[str, ...] = (
 )
 
 
-
 def synth_source_class(source: str) -> str:
     """The sampling class (`scail2.data.manifest.SOURCE_CLASSES`) of the records of a synthetic source."""
     if source not in SYNTH_SOURCES:
