@@ -92,3 +92,34 @@ def test_fsdp2_and_sequence_parallel_on_two_gpus(tmp_path):
         for batch in BATCHES:
             r = result[case][batch]
             assert r["missing"] == [] and r["output"] <= 1e-4 and r["grad"] <= 1e-4, (case, batch, r)
+
+
+def test_tiny_vae_training_on_cuda_resumes_on_the_cpu(tmp_path):
+    """The VAE script's ``--device cuda``: a run stopped on the GPU and finished on the CPU makes the same
+    updates as a run done on the CPU throughout (same batches)."""
+    from safetensors.torch import load_file
+
+    from scail2.encoders.tiny_vae_training import TrainSettings, build_vae, train
+
+    settings = TrainSettings(
+        steps=4, batch=2, crop=32, clip_frames=5, warmup=1, base_dim=8,
+        train_sets=((2, 5, 32, 11),), heldout_sets=((1, 5, 32, 12),),
+    )  # fmt: skip
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions: the runs differ in summation order only
+    try:
+        train(tmp_path / "mixed", settings, eval_every=2, stop_at=2, device="cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    train(tmp_path / "mixed", settings, eval_every=2, device="cpu")
+    train(tmp_path / "cpu", settings, eval_every=2, device="cpu")
+    torch.manual_seed(settings.seed)
+    start = build_vae(settings).state_dict()
+    mixed = load_file(str(tmp_path / "mixed" / "checkpoint" / "model.safetensors"))
+    cpu = load_file(str(tmp_path / "cpu" / "checkpoint" / "model.safetensors"))
+    assert mixed.keys() == cpu.keys() == start.keys()
+    changed = [k for k in cpu if not torch.equal(cpu[k], start[k])]
+    assert len(changed) > len(cpu) // 2  # the steps moved most tensors
+    moved_mixed = torch.cat([(mixed[k] - start[k]).flatten() for k in changed])
+    moved_cpu = torch.cat([(cpu[k] - start[k]).flatten() for k in changed])
+    assert _relative_error(moved_mixed, moved_cpu) < 5e-2

@@ -186,9 +186,9 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
 def reconstruct(vae, video: torch.Tensor) -> torch.Tensor:
     """The posterior-mean reconstruction of a uint8 (F, 3, H, W) video (F = 4k + 1, or 1), as float (F, 3, H, W)
     in [0, 1]."""
-    x = to_unit(video).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    x = to_unit(video).permute(1, 0, 2, 3)[None].to(next(vae.parameters()).device)  # (1, 3, F, H, W)
     y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    return (y[0].transpose(0, 1) + 1) / 2
+    return ((y[0].transpose(0, 1) + 1) / 2).cpu()
 
 
 @torch.no_grad()
@@ -232,7 +232,7 @@ def _save_checkpoint(folder: Path, vae, opt, gen: torch.Generator, step: int, hi
 
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(tmp / "model.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}, indent=1) + "\n")
     if folder.exists():
@@ -245,12 +245,19 @@ def _settings_json(settings: TrainSettings) -> dict:
 
 
 def train(
-    out: Path, settings: TrainSettings, eval_every: int = 100, command: str | None = None, stop_at: int | None = None
+    out: Path,
+    settings: TrainSettings,
+    eval_every: int = 100,
+    command: str | None = None,
+    stop_at: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Train (resuming from ``out/checkpoint`` when present) and write ``out/vae`` (the diffusers folder, float16
     weights, calibrated latent statistics) with its ``training.json``. Returns that folder. ``stop_at``: end at
     that step of the schedule instead of ``settings.steps`` (the record says where it stopped; a later call
-    without it resumes and finishes the schedule)."""
+    without it resumes and finishes the schedule). ``device``: where the steps and evaluations run (not a
+    setting: the batches are drawn on the CPU alike, checkpoints are saved from the CPU and resume on either;
+    the latent statistics are measured on the CPU)."""
     from safetensors.torch import load_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +271,7 @@ def train(
     log.info("%d training videos, %d held-out", len(train_videos), len(heldout))
 
     torch.manual_seed(settings.seed)
-    vae = build_vae(settings)
+    vae = build_vae(settings).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(settings.seed + 1)
     history: list[dict] = []
@@ -290,7 +297,7 @@ def train(
         vae.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(settings, step)
-        x = random_crops(train_videos, settings, gen)
+        x = random_crops(train_videos, settings, gen).to(device)
         z = vae.encode(x).latent_dist.mode()
         y = decode_unclamped(vae, z)
         mse = (y - x).pow(2).mean()
@@ -310,6 +317,7 @@ def train(
                      history[-1]["overall"], history[-1]["first_frame"], history[-1]["later_frames"])  # fmt: skip
             _save_checkpoint(checkpoint, vae, opt, gen, done, history)
 
+    vae = vae.cpu()
     calibrate_latents_(vae, train_videos)
     folder = out / "vae"
     vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
@@ -377,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--eval-every", type=int, default=100, help="held-out PSNR and a checkpoint every N steps")
     parser.add_argument("--stop-at", type=int, default=None, help="end at this step of the schedule (resume later to finish it)")
+    parser.add_argument("--device", default="cpu", help="where the steps run, e.g. cuda (not a setting: a run resumes on any)")
     parser.add_argument("--install", action="store_true", help=f"copy the result into {PACKAGE_DIR}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
-    folder = train(args.out, settings, eval_every=args.eval_every, stop_at=args.stop_at)
+    folder = train(args.out, settings, eval_every=args.eval_every, stop_at=args.stop_at, device=args.device)
     if args.install:
         if PACKAGE_DIR.exists():
             shutil.rmtree(PACKAGE_DIR)
