@@ -107,8 +107,10 @@ def test_tiny_vae_training_on_cuda_resumes_on_the_cpu(tmp_path):
     )  # fmt: skip
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions: the runs differ in summation order only
+    torch.cuda.reset_peak_memory_stats()
     try:
         train(tmp_path / "mixed", settings, eval_every=2, stop_at=2, device="cuda")
+        assert torch.cuda.max_memory_allocated() > 0  # the steps really ran on the GPU
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     train(tmp_path / "mixed", settings, eval_every=2, device="cpu")
