@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,25 @@ HELDOUT_FIRST_INDEX = 1_000_000
 
 # The synthetic sources, grouped by their sampling class, in the paper's 60 / 20 / 20 mix.
 SYNTHETIC_WEIGHTS: dict[str, float] = {"animation": 0.6, "replacement": 0.2, "pose": 0.2}
+
+
+def synthetic_augment(scene_references: bool, augment: Mapping[str, Any] | None = None) -> Any:
+    """The `AugmentOptions` of a `SyntheticDataModule`: ``augment`` (fields of `AugmentOptions`) as given, or by
+    default the standard options with ``sample_reference`` off when ``scene_references`` is on (the pairs' own
+    separate references are what that setting draws; a frame sampled from the target would replace them)."""
+    from scail2.data.sample import AugmentOptions
+
+    if augment is None:
+        return AugmentOptions(sample_reference=not scene_references)
+    if isinstance(augment, AugmentOptions):
+        return augment
+    if not isinstance(augment, Mapping):
+        raise TypeError(f"augment is {type(augment).__name__}; give a mapping of AugmentOptions fields or None")
+    known = set(AugmentOptions.__dataclass_fields__)
+    unknown = sorted(set(augment) - known)
+    if unknown:
+        raise ValueError(f"unknown augment keys {unknown}; AugmentOptions has {sorted(known)}")
+    return AugmentOptions(**{k: tuple(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v for k, v in augment.items()})
 
 
 def _videos_and_encoders(root: Path, synth: Any, encoders_seed: int, vae: str) -> Path:
@@ -79,6 +99,11 @@ class SyntheticDataModule(MotionDataModule):
             only (then the default weights are the paper mix's over the classes drawn: ``{replacement: 0.2}``).
             The default ``data.root`` does not name these four settings: videos drawn with other values are
             refused with what to delete, so give such runs their own ``data.root``.
+        augment: the per-sample randomness of the latent cache (`scail2.data.sample.AugmentOptions` or a mapping of
+            its fields; the cache holds one drawn variant per pair). Default: `AugmentOptions` with
+            ``sample_reference`` off when ``scene_references`` is on, so the training pairs keep their separate
+            references (sampling one from the target would put the target's own scene and pose back into it),
+            and on otherwise (the paper's: a frame of the target).
     """
 
     def __init__(
@@ -101,6 +126,7 @@ class SyntheticDataModule(MotionDataModule):
         travel: float = 0.0,
         clips_per_cast: int = 1,
         sources: list[str] | None = None,
+        augment: Mapping[str, Any] | None = None,
     ):
         from scail2.data.synth import SYNTH_SOURCES, SynthOptions, synth_source_class
 
@@ -118,6 +144,7 @@ class SyntheticDataModule(MotionDataModule):
             weights=dict(weights) if weights is not None else {k: w for k, w in SYNTHETIC_WEIGHTS.items() if k in classes},
             samples_per_epoch=samples_per_epoch,
             seed=seed,
+            augment=synthetic_augment(scene_references, augment),
         )
         if heldout_pairs < 0:
             raise ValueError(f"heldout_pairs is {heldout_pairs}; use 0 (no held-out set) or a positive count")
@@ -190,6 +217,7 @@ class SyntheticDataModule(MotionDataModule):
             self.root / "cache",
             encoders,
             buckets=[Bucket(self.synth.frames, height, width)],
+            options=self.augment,
             seed=self.synth.seed,
             dtype="float32",
             encoders_name="tiny",

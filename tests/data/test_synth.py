@@ -270,3 +270,41 @@ def test_sources_draw_only_the_named_kinds_in_turn(tmp_path):
     assert dm.weights == {"replacement": 0.2}
     assert SyntheticDataModule(str(tmp_path / "dm2"), sources=["pose", "scail_animation"]).weights == {"animation": 0.6, "pose": 0.2}
     assert SyntheticDataModule(str(tmp_path / "dm3")).weights == {"animation": 0.6, "replacement": 0.2, "pose": 0.2}
+
+
+def test_scene_references_keep_their_separate_references_in_the_cache(tmp_path):
+    """With scene_references the cached reference of a replacement pair is its own reference image (another
+    scene, as the held-out pairs'), not a frame sampled from the target, unless augment asks for that."""
+    import torch
+
+    from scail2.data.buckets import Bucket
+    from scail2.data.latents import encode_pixel_sample
+    from scail2.data.sample import PixelChoices, load_pixel_sample
+    from scail2.data.sampling import SampleKey
+    from scail2.encoders.bundle import Encoders
+    from scail2.lit.data import SyntheticDataModule
+
+    def cached_and_expected(root, **kwargs):
+        dm = SyntheticDataModule(str(root), pairs=2, frames=5, height=32, width=32, sources=["mocha_replacement_single"], scene_references=True, **kwargs)
+        dm.prepare_data()
+        dm.setup("fit")
+        records = load_manifest(root / "videos" / "manifest.jsonl")
+        encoders = Encoders.from_pretrained(root / "encoders")
+        choices = PixelChoices(forward=False, clip_start=0, reference_frame=None, crop=None, skeleton_scale=None)
+        expected = [encode_pixel_sample(load_pixel_sample(r, Bucket(5, 32, 32), choices), encoders).reference for r in records]
+        cached = [dm.dataset[SampleKey(i, 0)].reference for i in range(len(records))]
+        return dm, records, cached, expected
+
+    with torch_threads(1):
+        dm, records, cached, expected = cached_and_expected(tmp_path / "kept")
+        assert dm.augment.sample_reference is False
+        assert all(not isinstance(r.reference, int) for r in records)  # separate reference images
+        for c, e in zip(cached, expected):
+            torch.testing.assert_close(c.float(), e.float(), rtol=0, atol=1e-2)
+        dm, _, cached, expected = cached_and_expected(tmp_path / "sampled", augment={"sample_reference": True})
+        assert dm.augment.sample_reference is True
+        assert all((c.float() - e.float()).abs().max() > 0.1 for c, e in zip(cached, expected))
+
+    assert SyntheticDataModule(str(tmp_path / "plain")).augment.sample_reference is True  # the paper's default
+    with pytest.raises(ValueError, match="unknown augment keys \\['sample_refs'\\]"):
+        SyntheticDataModule(str(tmp_path / "bad"), augment={"sample_refs": False})
